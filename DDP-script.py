@@ -569,7 +569,7 @@ def print_plan(args, n_params):
     lines = [
         f"world size {args.world_size} ({args.backend} on {args.device}"
         + (f", {torch.get_num_threads()} thread(s) per process" if args.device == "cpu" else "")
-        + ")",
+        + "), started by " + ("a launcher" if launched_by_launcher() else "mp.spawn"),
         f"model {args.model}: {n_params:,} parameters, context {args.context_length}"
         f" (of {args.model_config['context_length']}), dropout {args.model_config['drop_rate']}"
         + (", from " + args.init_from if args.init_from else "") + (", compiled" if args.compile else ""),

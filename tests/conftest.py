@@ -1,0 +1,81 @@
+"""Shared helpers for tests that run the training scripts as real processes (CPU, Gloo, loopback)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# The settings most runs share: a tiny model, short sequences, fp32, no dropout.
+TINY = ["--device", "cpu", "--model", "gpt-nano", "--context-length", "32", "--dropout", "0",
+        "--amp", "off", "--lr", "4e-4", "--log-every", "5", "--eval-every", "5",
+        "--sample-tokens", "5"]
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("token-cache")
+
+
+def script_env(cache, **extra):
+    """One thread per process, loopback only, a private token cache, no inherited launcher vars."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "GROUP_RANK")}
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
+               GPT_DDP_CACHE=str(cache), PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def start(cmd, env, **kw):
+    """Start a command in its own process group, so that a timeout can kill all it started."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def finish(proc, timeout):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s:\n{out}\n{err}")
+    finally:
+        try:  # nothing may outlive the run
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run(args, cache, timeout=120, script="DDP-script.py", launcher=None, **env_extra):
+    cmd = (launcher or [sys.executable]) + [script] + [str(a) for a in args]
+    return finish(start(cmd, script_env(cache, **env_extra)), timeout)
+
+
+def ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def load_weights(out_dir):
+    return torch.load(Path(out_dir) / "model.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def metrics(out_dir):
+    with open(Path(out_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,205 @@
+"""DDP-script.py run for real: spawned Gloo processes on the CPU, torchrun, torch.distributed.launch."""
+import os
+import signal
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import TINY, finish, free_port, load_weights, metrics, ok, run, script_env, start
+from gpt_model import GPTModel
+
+# Ten optimizer steps of 8 sequences each, split three ways (world size x batch x accumulation).
+SPLITS = {
+    "2x4": ["--nprocs", "2", "--batch-size", "4", "--grad-accum", "1"],
+    "1x8": ["--nprocs", "1", "--batch-size", "8", "--grad-accum", "1"],
+    "2x1x4": ["--nprocs", "2", "--batch-size", "1", "--grad-accum", "4"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, token_cache):
+    """Each named run happens once per session; tests share the results."""
+    done = {}
+
+    def get(name, args):
+        if name not in done:
+            out = tmp_path_factory.mktemp(name)
+            done[name] = (out, ok(run(TINY + ["--out", out, "--max-steps", "10"] + args, token_cache)))
+        return done[name]
+    return get
+
+
+def test_trains_and_writes_outputs(runs):
+    out, result = runs("2x4", SPLITS["2x4"])
+    assert "world size 2 (gloo on cpu, 1 thread(s) per process), started by mp.spawn" in result.stdout
+    assert "8 sequences, 256 tokens per step" in result.stdout
+    assert "check: all 2 replicas hold identical weights" in result.stdout
+    assert "sample: Every effort moves you" in result.stdout
+    assert "Traceback" not in result.stderr
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [5, 10]
+    assert rows[-1]["tokens_seen"] == 10 * 8 * 32
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] < 10.9
+    assert all(r["val_loss"] is not None for r in rows)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    for key in ("epoch", "lr", "tokens_per_sec"):
+        assert key in rows[-1]
+    for name in ("ckpt.pt", "model.pt", "loss.png", "metrics.jsonl"):
+        assert (out / name).stat().st_size > 0
+    # model.pt loads into a plain GPTModel, no DDP, no prefixes
+    saved = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    model = GPTModel(saved["config"])
+    model.load_state_dict(saved["model"])
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 10 and ckpt["world_size"] == 2
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in saved["model"].items())
+
+
+def test_world_size_invariance(runs):
+    """2 x 4, 1 x 8 and 2 x 1 x (4 accumulated) see the same 8 sequences per step: same weights."""
+    weights = {name: load_weights(runs(name, args)[0]) for name, args in SPLITS.items()}
+    ref = weights["2x4"]
+    for name in ("1x8", "2x1x4"):
+        for k in ref:
+            torch.testing.assert_close(weights[name][k], ref[k], rtol=0, atol=1e-5, msg=f"{name} {k}")
+    # and training moved the weights well beyond that tolerance
+    init = GPTModel(torch.load(runs("2x4", SPLITS["2x4"])[0] / "model.pt", weights_only=True)["config"])
+    assert any((ref[k] - v).abs().max() > 1e-3 for k, v in init.state_dict().items())
+
+
+def test_no_sync_saves_all_reduces(runs):
+    """With accumulation 4, one round of gradient buckets per optimizer step, not four."""
+    plain = metrics(runs("2x4", SPLITS["2x4"])[0])[-1]
+    accum = metrics(runs("2x1x4", SPLITS["2x1x4"])[0])[-1]
+    assert plain["allreduce_calls_per_step"] >= 1
+    assert accum["allreduce_calls_per_step"] == plain["allreduce_calls_per_step"]
+    assert accum["allreduce_mb_per_step"] == pytest.approx(plain["allreduce_mb_per_step"])
+
+
+# With dropout on, so the resumed run must also continue the dropout randomness exactly.
+RESUME = TINY + ["--dropout", "0.1", "--nprocs", "2", "--batch-size", "2", "--max-steps", "30",
+                 "--save-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, token_cache):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    ok(run(RESUME + ["--out", out], token_cache))
+    return out
+
+
+def test_same_seed_same_weights(uninterrupted, tmp_path, token_cache):
+    ok(run(RESUME + ["--out", tmp_path], token_cache))
+    a, b = load_weights(uninterrupted), load_weights(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_then_resume_matches_uninterrupted(uninterrupted, tmp_path, token_cache):
+    """Stop the job mid-epoch with SIGTERM (as a scheduler would), resume: the same final weights."""
+    proc = start([sys.executable, "DDP-script.py", *RESUME, "--out", str(tmp_path)],
+                 script_env(token_cache))
+    deadline = time.time() + 60
+    while not (tmp_path / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)  # the parent alone; it passes the signal to the workers
+    stopped = finish(proc, 60)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout + stopped.stderr
+    assert "stopped by SIGTERM after step" in stopped.stdout
+    step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
+    assert 2 <= step < 30
+    assert not (tmp_path / "model.pt").exists()
+
+    resumed = ok(run(RESUME + ["--out", tmp_path, "--resume"], token_cache))
+    assert f"resumed from step {step} (epoch 1, {step} step(s) into it)" in resumed.stdout
+    a, b = load_weights(uninterrupted), load_weights(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in metrics(tmp_path)]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # no step logged twice
+
+
+def test_torchrun_runs_without_spawning(runs, tmp_path, token_cache):
+    """Under torchrun the script is one rank; same settings, same weights as mp.spawn."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = ok(run(TINY + SPLITS["2x4"][2:] + ["--out", tmp_path, "--max-steps", "10"],
+                    token_cache, launcher=launcher))
+    assert "started by a launcher" in result.stdout
+    a, b = load_weights(runs("2x4", SPLITS["2x4"])[0]), load_weights(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_legacy_launch_passes_local_rank(tmp_path, token_cache):
+    port = free_port()
+    launcher = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2",
+                f"--master_port={port}", "--master_addr=127.0.0.1"]
+    result = ok(run(TINY + ["--out", tmp_path, "--max-steps", "2", "--batch-size", "2"],
+                    token_cache, launcher=launcher))
+    assert "started by a launcher" in result.stdout
+    assert (tmp_path / "model.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, seconds, nothing overwritten.
+
+def expect_error(args, cache, needle, env=None):
+    t0 = time.time()
+    result = run(TINY + args, cache, timeout=60, **(env or {}))
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert needle in lines[0], lines[0]
+    assert time.time() - t0 < 30
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--nprocs", "0"], "--nprocs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["--context-length", "4096"], "outside 1..128"),
+    (["--backend", "nccl"], "--backend nccl needs CUDA"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--amp", "fp16"], "--amp fp16 needs a CUDA GPU"),
+    (["--data", "/nonexistent/corpus.txt"], "data file not found: /nonexistent/corpus.txt"),
+    (["--context-length", "128", "--batch-size", "64"], "--context-length"),
+])
+def test_bad_flags(args, needle, tmp_path, token_cache):
+    expect_error(args + ["--out", tmp_path / "out"], token_cache, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_files(tmp_path, token_cache):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "binary.txt").write_bytes(b"\x00\xff\xfe" * 100)
+    (tmp_path / "short.txt").write_text("Too short for one window.")
+    (tmp_path / "folder").mkdir()
+    out = ["--out", tmp_path / "out"]
+    expect_error(["--data", tmp_path / "empty.txt"] + out, token_cache, "is empty")
+    expect_error(["--data", tmp_path / "binary.txt"] + out, token_cache, "is not UTF-8")
+    line = expect_error(["--data", tmp_path / "short.txt"] + out, token_cache, "tokens")
+    assert "--context-length" in line
+    expect_error(["--data", tmp_path / "folder"] + out, token_cache, "holds no .txt files")
+
+
+def test_checkpoint_errors(runs, tmp_path, token_cache):
+    out, _ = runs("2x4", SPLITS["2x4"])
+    before = (out / "ckpt.pt").read_bytes()
+    expect_error(["--out", out, "--max-steps", "10"], token_cache, "already exists: pass --resume")
+    expect_error(["--out", tmp_path, "--resume"], token_cache, "no checkpoint at")
+    expect_error(["--out", out, "--resume", "--model", "gpt-mini"], token_cache,
+                 "holds a gpt-nano model, not gpt-mini")
+    assert (out / "ckpt.pt").read_bytes() == before
+    (tmp_path / "ckpt.pt").write_bytes(before[: len(before) // 2])
+    expect_error(["--out", tmp_path, "--resume"], token_cache, "is damaged")
+
+
+def test_master_port_in_use(tmp_path, token_cache):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        expect_error(["--out", tmp_path], token_cache, f"MASTER_PORT {port} on 127.0.0.1 is already in use",
+                     env={"MASTER_PORT": port})
