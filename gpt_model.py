@@ -148,7 +148,8 @@ def count_parameters(model, exclude_position_embedding=False):
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
              generator=None):
     """Extend idx[B, T] by up to max_new_tokens. temperature 0 is greedy; top_k keeps the k most
-    likely tokens before sampling; eos_id stops as soon as every row produced it."""
+    likely tokens before sampling; eos_id stops once every row has produced it."""
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         logits = model(idx[:, -context_size:])[:, -1, :].float()
         if top_k is not None:
@@ -160,8 +161,10 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
         else:
             idx_next = logits.argmax(dim=-1, keepdim=True)
         idx = torch.cat((idx, idx_next), dim=1)
-        if eos_id is not None and bool((idx_next == eos_id).all()):
-            break
+        if eos_id is not None:
+            finished |= idx_next[:, 0] == eos_id
+            if bool(finished.all()):
+                break
     return idx
 
 
@@ -174,6 +177,7 @@ def generate_text_simple(model, idx, max_new_tokens, context_size):
 # GPT-2 weights in the Hugging Face layout (model.safetensors or pytorch_model.bin), read locally.
 
 def _read_hf_state_dict(path):
+    path = os.fspath(path)
     if os.path.isdir(path):
         for name in ("model.safetensors", "pytorch_model.bin"):
             if os.path.isfile(os.path.join(path, name)):
@@ -202,6 +206,9 @@ def hf_gpt2_config(path, state_dict=None):
                 "drop_rate": 0.0, "qkv_bias": True}
     sd = {k.removeprefix("transformer."): v for k, v in (state_dict or _read_hf_state_dict(path)).items()}
     vocab, d = sd["wte.weight"].shape
+    if d % 64:
+        raise ValueError(f"no config.json beside {path}, and a width of {d} does not tell the "
+                         f"number of heads (GPT-2's sizes use 64 dimensions per head)")
     n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
     return {"vocab_size": vocab, "context_length": sd["wpe.weight"].shape[0], "emb_dim": d,
             "n_heads": d // 64, "n_layers": n_layers, "drop_rate": 0.0, "qkv_bias": True}

@@ -35,6 +35,12 @@ NASTY_UNIT = (
 NASTY = "   \n " + "".join(NASTY_UNIT[i:] + NASTY_UNIT[:i] for i in range(0, 200, 13)) + "  \t\n\n "
 
 
+@pytest.fixture(autouse=True)
+def _never_the_user_cache(tmp_path, monkeypatch):
+    """Safety net: even a call without cache_dir stays inside pytest's tmp_path."""
+    monkeypatch.setenv("GPT_DDP_CACHE", str(tmp_path / "default-cache"))
+
+
 @pytest.fixture(scope="module")
 def tok():
     return get_tokenizer()
@@ -265,7 +271,7 @@ def test_tokens_needed_is_the_minimum(max_length, stride):
         assert num_windows(need - 1, max_length, stride) == windows - 1
 
 
-def test_plain_dataloader_order(tmp_path):
+def test_plain_dataloader_order():
     tokens = np.arange(200, dtype=np.uint16)
     ordered = create_dataloader(tokens, batch_size=3, max_length=4, stride=4, shuffle=False,
                                 drop_last=False)
