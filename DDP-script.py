@@ -87,6 +87,8 @@ def parse_args(argv=None):
     g.add_argument("--max-norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="autocast precision; auto: bf16 on GPUs that have it, else fp16; off on the CPU")
+    g.add_argument("--grad-compression", choices=["none", "bf16"], default="none",
+                   help="all-reduce gradients as bf16 (halves traffic between nodes)")
     g.add_argument("--seed", type=int, default=123)
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out", default="runs/ddp", help="folder for ckpt.pt, model.pt, metrics, plot")
@@ -189,10 +191,12 @@ def plan_run(args):
     if not 1 <= args.context_length <= max_context:
         raise UsageError(f"--context-length {args.context_length} is outside 1..{max_context}, "
                          f"the context of {args.model}: lower --context-length")
+    return args
 
-    # Data: tokenize once here (before any process starts), check it is long enough.
-    args.tokens_file = str(prepare_tokens(args.data, args.cache_dir).filename)
-    train_loader, val_loader = build_loaders(args, rank=0)
+
+def plan_data(args):
+    """Tokenize the corpus (once: later calls find the token file) and size the run from it."""
+    train_loader, _ = build_loaders(args, rank=0)
     args.steps_per_epoch = len(train_loader) // args.grad_accum
     if args.steps_per_epoch == 0:
         raise UsageError(f"each process gets {len(train_loader)} batch(es) per epoch, fewer than "
@@ -254,8 +258,9 @@ def ddp_setup(rank, local_rank, args):
         torch.cuda.set_device(local_rank)  # before init, so NCCL binds this process to its GPU
         device = torch.device("cuda", local_rank)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(
-            os.environ.get("LOCAL_WORLD_SIZE", args.world_size))))
+        if "OMP_NUM_THREADS" not in os.environ:  # else the user (or torchrun) chose already
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(
+                os.environ.get("LOCAL_WORLD_SIZE", args.world_size))))
         device = torch.device("cpu")
     dist.init_process_group(args.backend, rank=rank, world_size=args.world_size,
                             timeout=datetime.timedelta(seconds=args.timeout))
@@ -278,10 +283,14 @@ def build_model(args, device):
     return model, raw_model
 
 
-def counting_allreduce_hook(counts, bucket):
-    """DDP's default all-reduce of one gradient bucket, counting calls and bytes in `counts`."""
-    counts["calls"] += 1
-    counts["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
+def counting_allreduce_hook(state, bucket):
+    """DDP's all-reduce of one gradient bucket (as bf16 if state["bf16"]: half the bytes on the
+    wire, for slow links between nodes), counting calls and bytes sent in `state`."""
+    state["calls"] += 1
+    if state["bf16"]:
+        state["bytes"] += bucket.buffer().numel() * 2
+        return default_hooks.bf16_compress_hook(None, bucket)
+    state["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
     return default_hooks.allreduce_hook(None, bucket)
 
 
@@ -378,12 +387,14 @@ def train(rank, args, device, model, raw_model):
     optimizer = configure_optimizer(raw_model, args, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    comm = {"calls": 0, "bytes": 0}
+    comm = {"calls": 0, "bytes": 0, "bf16": args.grad_compression == "bf16"}
     model.register_comm_hook(comm, counting_allreduce_hook)
     # The stop flag goes through a CPU group, so checking it never waits for the GPU.
     control = dist.new_group(backend="gloo") if args.backend == "nccl" else None
 
     step, epoch, skip, tokens_seen = 0, 0, 0, 0
+    if is_main and not args.resume:
+        keep_metrics_until(os.path.join(args.out, "metrics.jsonl"), 0)  # a fresh log
     if args.resume:
         ckpt = torch.load(args.ckpt_path, map_location=device, weights_only=True)
         raw_model.load_state_dict(ckpt["model"])
@@ -406,7 +417,8 @@ def train(rank, args, device, model, raw_model):
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "step": step, "epoch": epoch, "tokens_seen": tokens_seen,
                 "samples_in_epoch": steps_into_epoch * args.batch_size * world * args.grad_accum,
-                "world_size": world, "config": args.model_config, "args": plain_args(args)}
+                "world_size": world, "config": args.model_config, "args": plain_args(args),
+                "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}
 
     tokens_per_step = args.batch_size * args.context_length * args.grad_accum * world
     loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
@@ -573,8 +585,8 @@ def print_plan(args, n_params):
         f"model {args.model}: {n_params:,} parameters, context {args.context_length}"
         f" (of {args.model_config['context_length']}), dropout {args.model_config['drop_rate']}"
         + (", from " + args.init_from if args.init_from else "") + (", compiled" if args.compile else ""),
-        f"precision: {'fp32' if args.amp == 'off' else args.amp + ' autocast'}, fp32 weights,"
-        f" gradients and all-reduce",
+        f"precision: {'fp32' if args.amp == 'off' else args.amp + ' autocast'}, fp32 weights"
+        f" and gradients, {'bf16' if args.grad_compression == 'bf16' else 'fp32'} all-reduce",
         f"batch: {args.batch_size} x {args.context_length} tokens per process, x {args.world_size}"
         f" process(es) x {args.grad_accum} accumulation = {seqs} sequences,"
         f" {seqs * args.context_length:,} tokens per step",
@@ -610,7 +622,7 @@ def run(rank, local_rank, args):
         dist.barrier()  # nobody exits (and so nobody gets killed) before rank 0 has saved
         return 128 + stop_signal if stop_signal else 0
     except (UsageError, DataError) as e:
-        if rank == 0:
+        if local_rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except TrainingError as e:
@@ -633,6 +645,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         plan_run(args)
+        plan_data(args)  # here, before spawning: the workers find the token file ready
         if launched_by_launcher():
             # torchrun or torch.distributed.launch started this process: no spawning.
             local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))

@@ -79,3 +79,36 @@ def load_weights(out_dir):
 def metrics(out_dir):
     with open(Path(out_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# Ten optimizer steps of 8 sequences each, split three ways (world size x batch x accumulation).
+SPLITS = {
+    "2x4": ["--nprocs", "2", "--batch-size", "4", "--grad-accum", "1"],
+    "1x8": ["--nprocs", "1", "--batch-size", "8", "--grad-accum", "1"],
+    "2x1x4": ["--nprocs", "2", "--batch-size", "1", "--grad-accum", "4"],
+}
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, token_cache):
+    """Each named run happens once per session; tests share the results."""
+    done = {}
+
+    def get(name, args):
+        if name not in done:
+            out = tmp_path_factory.mktemp(name)
+            done[name] = (out, ok(run(TINY + ["--out", out, "--max-steps", "10"] + args, token_cache)))
+        return done[name]
+    return get
+
+
+# With dropout on, so the resumed run must also continue the dropout randomness exactly.
+RESUME = TINY + ["--dropout", "0.1", "--nprocs", "2", "--batch-size", "2", "--max-steps", "30",
+                 "--save-every", "2"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, token_cache):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    ok(run(RESUME + ["--out", out], token_cache))
+    return out

@@ -7,29 +7,9 @@ import time
 import pytest
 import torch
 
-from conftest import TINY, finish, free_port, load_weights, metrics, ok, run, script_env, start
+from conftest import (RESUME, SPLITS, TINY, finish, free_port, load_weights, metrics, ok, run,
+                      script_env, start)
 from gpt_model import GPTModel
-
-# Ten optimizer steps of 8 sequences each, split three ways (world size x batch x accumulation).
-SPLITS = {
-    "2x4": ["--nprocs", "2", "--batch-size", "4", "--grad-accum", "1"],
-    "1x8": ["--nprocs", "1", "--batch-size", "8", "--grad-accum", "1"],
-    "2x1x4": ["--nprocs", "2", "--batch-size", "1", "--grad-accum", "4"],
-}
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, token_cache):
-    """Each named run happens once per session; tests share the results."""
-    done = {}
-
-    def get(name, args):
-        if name not in done:
-            out = tmp_path_factory.mktemp(name)
-            done[name] = (out, ok(run(TINY + ["--out", out, "--max-steps", "10"] + args, token_cache)))
-        return done[name]
-    return get
-
 
 def test_trains_and_writes_outputs(runs):
     out, result = runs("2x4", SPLITS["2x4"])
@@ -76,18 +56,6 @@ def test_no_sync_saves_all_reduces(runs):
     assert plain["allreduce_calls_per_step"] >= 1
     assert accum["allreduce_calls_per_step"] == plain["allreduce_calls_per_step"]
     assert accum["allreduce_mb_per_step"] == pytest.approx(plain["allreduce_mb_per_step"])
-
-
-# With dropout on, so the resumed run must also continue the dropout randomness exactly.
-RESUME = TINY + ["--dropout", "0.1", "--nprocs", "2", "--batch-size", "2", "--max-steps", "30",
-                 "--save-every", "2"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, token_cache):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    ok(run(RESUME + ["--out", out], token_cache))
-    return out
 
 
 def test_same_seed_same_weights(uninterrupted, tmp_path, token_cache):

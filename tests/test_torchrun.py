@@ -1,0 +1,131 @@
+"""DDP-script-torchrun.py under real torchrun processes: one node, two nodes on loopback, restarts."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import (RESUME, SPLITS, TINY, finish, free_port, load_weights, ok, run, script_env,
+                      start)
+
+SCRIPT = "DDP-script-torchrun.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def drop_nprocs(args):
+    """The same flags without DDP-script.py's --nprocs (torchrun decides the processes)."""
+    i = args.index("--nprocs")
+    return args[:i] + args[i + 2:]
+
+
+def same_weights(out_a, out_b):
+    a, b = load_weights(out_a), load_weights(out_b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def two_nodes(args, cache, nproc, rdzv="static", max_restarts=0):
+    """Start two torchrun agents on this machine, as node 0 and node 1, talking over 127.0.0.1."""
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        if rdzv == "static":
+            launch = [f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+        else:
+            launch = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test-job"]
+        cmd = TORCHRUN + ["--nnodes=2", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
+                          *launch, SCRIPT, *map(str, args)]
+        procs.append(start(cmd, script_env(cache)))
+    return procs
+
+
+def workers_of(agent):
+    """Worker processes that a torchrun agent started."""
+    out = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def wait_for(path, procs, timeout=90):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "no snapshot came"
+        time.sleep(0.01)
+
+
+def test_standalone_matches_mp_spawn(runs, tmp_path, token_cache):
+    """torchrun --standalone and mp.spawn, same flags, same world size: identical weights."""
+    result = ok(run(TINY + drop_nprocs(SPLITS["2x4"]) + ["--out", tmp_path, "--max-steps", "10"],
+                    token_cache, script=SCRIPT, launcher=TORCHRUN + ["--standalone", "--nproc_per_node=2"]))
+    assert "world size 2 (gloo on cpu, 1 thread(s) per process), started by torchrun" in result.stdout
+    assert "check: all 2 replicas hold identical weights" in result.stdout
+    for name in ("ckpt.pt", "model.pt", "metrics.jsonl", "loss.png"):
+        assert (tmp_path / name).exists()
+    assert same_weights(runs("2x4", SPLITS["2x4"])[0], tmp_path)
+
+
+def test_plain_python_is_world_size_one(runs, tmp_path, token_cache):
+    result = ok(run(TINY + ["--out", tmp_path, "--max-steps", "10", "--batch-size", "8"], token_cache,
+                    script=SCRIPT))
+    assert "world size 1 (gloo on cpu" in result.stdout and "started by python" in result.stdout
+    assert same_weights(runs("1x8", SPLITS["1x8"])[0], tmp_path)
+
+
+def test_two_nodes_one_process_each(runs, tmp_path, token_cache):
+    """--nnodes=2 on loopback: global ranks 0 and 1 on different 'nodes'; one checkpoint."""
+    args = TINY + drop_nprocs(SPLITS["2x4"]) + ["--out", tmp_path, "--max-steps", "10"]
+    node0, node1 = (finish(p, 180) for p in two_nodes(args, token_cache, nproc=1))
+    ok(node0), ok(node1)
+    assert "check: all 2 replicas" in node0.stdout and "plan:" not in node1.stdout  # rank 0 alone prints
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "loss.png", "metrics.jsonl", "model.pt"]
+    assert same_weights(runs("2x4", SPLITS["2x4"])[0], tmp_path)
+
+
+def test_two_nodes_two_processes_each(tmp_path, token_cache):
+    """World size 4 as 2 nodes x 2 processes equals 4 processes on one node (mp.spawn)."""
+    flags = TINY + ["--batch-size", "2", "--max-steps", "6"]
+    ok(run(flags + ["--nprocs", "4", "--out", tmp_path / "one-node"], token_cache, timeout=180))
+    node0, node1 = (finish(p, 180) for p in two_nodes(flags + ["--out", tmp_path / "two-nodes"],
+                                                         token_cache, nproc=2))
+    ok(node0), ok(node1)
+    assert "world size 4" in node0.stdout
+    assert same_weights(tmp_path / "one-node", tmp_path / "two-nodes")
+
+
+def kill_a_worker_then_finish(agents, out):
+    """SIGKILL one worker after the first snapshot; torchrun restarts the workers, who resume."""
+    wait_for(out / "ckpt.pt", agents)
+    victim = workers_of(agents[-1])[-1]
+    os.kill(victim, signal.SIGKILL)
+    results = [finish(a, 240) for a in agents]
+    for r in results:
+        ok(r)
+    log = "".join(r.stdout for r in results)
+    assert "resumed from step" in log
+    return log
+
+
+def test_standalone_restart_resumes(uninterrupted, tmp_path, token_cache):
+    agent = start(TORCHRUN + ["--standalone", "--nproc_per_node=2", "--max-restarts=1", SCRIPT,
+                              *drop_nprocs(RESUME), "--out", str(tmp_path)], script_env(token_cache))
+    kill_a_worker_then_finish([agent], tmp_path)
+    assert same_weights(uninterrupted, tmp_path)
+
+
+def test_two_node_c10d_restart_resumes(uninterrupted, tmp_path, token_cache):
+    agents = two_nodes(drop_nprocs(RESUME) + ["--out", tmp_path], token_cache, nproc=1, rdzv="c10d",
+                       max_restarts=1)
+    kill_a_worker_then_finish(agents, tmp_path)
+    assert same_weights(uninterrupted, tmp_path)
+
+
+def test_resume_at_another_world_size(tmp_path, token_cache):
+    """A snapshot of 2 processes continues in 1: the data order changes, the run finishes."""
+    flags = TINY + ["--batch-size", "2", "--out", tmp_path]
+    ok(run(flags + ["--max-steps", "6"], token_cache, script=SCRIPT,
+           launcher=TORCHRUN + ["--standalone", "--nproc_per_node=2"]))
+    result = ok(run(flags + ["--max-steps", "12", "--resume"], token_cache, script=SCRIPT))
+    assert "resumed from step 6" in result.stdout
+    assert "saved at world size 2, now 1" in result.stdout
+    assert "done: 12 steps" in result.stdout
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 12
