@@ -44,11 +44,17 @@ class TrainingError(Exception):
     """Training cannot go on (for example a non-finite loss): one line on every rank, exit code 3."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # show "(default: ...)" unless the help says it already
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("processes")
-    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: CUDA when PyTorch sees a GPU, else the CPU")
     g.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
                    help="auto: NCCL when every process has its own GPU, else Gloo")
     g.add_argument("--timeout", type=float, default=600,
@@ -73,7 +79,7 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=2, help="sequences per process per micro-batch")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--epochs", type=int, default=10, help="passes over the training split")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps (the LR schedule ends there too)")
     g.add_argument("--grad-accum", type=int, default=1,
@@ -88,7 +94,7 @@ def parse_args(argv=None):
                    help="autocast precision; auto: bf16 on GPUs that have it, else fp16; off on the CPU")
     g.add_argument("--grad-compression", choices=["none", "bf16"], default="none",
                    help="all-reduce gradients as bf16 (halves traffic between nodes)")
-    g.add_argument("--seed", type=int, default=123)
+    g.add_argument("--seed", type=int, default=123, help="same seed, same settings: same weights")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out", default="runs/ddp", help="folder for ckpt.pt, model.pt, metrics, plot")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
@@ -100,7 +106,7 @@ def parse_args(argv=None):
                    help="validation batches per process (0: the whole validation split)")
     g.add_argument("--sample-prompt", default="Every effort moves you",
                    help="prompt for the text sample printed after each epoch")
-    g.add_argument("--sample-tokens", type=int, default=50)
+    g.add_argument("--sample-tokens", type=int, default=50, help="length of that sample")
     return p.parse_args(argv)
 
 
