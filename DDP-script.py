@@ -179,11 +179,14 @@ def plan_run(args):
             raise UsageError(f"{args.ckpt_path} holds a {ckpt['args']['model']} model, not "
                              f"{args.model}: drop --model, or use another --out")
     elif args.init_from:
+        if args.model:
+            raise UsageError("--model and --init-from both choose the model: drop --model "
+                             "(the weights' config.json decides the size)")
         try:
             args.model_config = hf_gpt2_config(args.init_from)
         except (OSError, KeyError, ValueError) as e:
             raise UsageError(f"--init-from {args.init_from}: cannot read GPT-2 weights ({e})")
-        args.model = args.model or "gpt2-hf"
+        args.model = "hf:" + os.path.basename(os.path.normpath(args.init_from))
     else:
         args.model = args.model or ("gpt2-small" if args.device == "cuda" else "gpt-mini")
         args.model_config = dict(GPT_CONFIGS[args.model])

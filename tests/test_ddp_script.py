@@ -171,3 +171,48 @@ def test_master_port_in_use(tmp_path, token_cache):
         port = s.getsockname()[1]
         expect_error(["--out", tmp_path], token_cache, f"MASTER_PORT {port} on 127.0.0.1 is already in use",
                      env={"MASTER_PORT": port})
+
+
+# ---------------------------------------------------------------------------------------------
+# Options that change how the model is built or how gradients travel.
+
+def test_compile_matches_eager(runs, tmp_path, token_cache):
+    """torch.compile under DDP: the same training to float tolerance, plain keys in model.pt."""
+    result = ok(run(TINY + SPLITS["2x4"] + ["--compile", "--max-steps", "10", "--out", tmp_path],
+                    token_cache, timeout=300))
+    assert "compiled" in result.stdout
+    eager, compiled = load_weights(runs("2x4", SPLITS["2x4"])[0]), load_weights(tmp_path)
+    assert eager.keys() == compiled.keys()  # no _orig_mod. or module. prefixes
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=0, atol=1e-4)
+
+
+def test_bf16_gradient_compression(runs, token_cache):
+    plain_out, _ = runs("2x4", SPLITS["2x4"])
+    out, result = runs("2x4-bf16", SPLITS["2x4"] + ["--grad-compression", "bf16"])
+    assert "bf16 all-reduce" in result.stdout
+    plain, bf16 = metrics(plain_out)[-1], metrics(out)[-1]
+    assert bf16["allreduce_mb_per_step"] == pytest.approx(plain["allreduce_mb_per_step"] / 2)
+    assert bf16["train_loss"] < metrics(out)[0]["train_loss"]
+    a, b = load_weights(plain_out), load_weights(out)
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the gradients really were rounded
+    assert all(torch.allclose(a[k], b[k], atol=1e-2) for k in a)
+
+
+def test_init_from_hugging_face_weights(tmp_path, token_cache):
+    """--init-from: training starts from the given GPT-2 weights (lr ~0 keeps them)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from gpt_model import hf_gpt2_config, load_hf_gpt2
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=48, n_layer=2, n_head=3, n_positions=64)).save_pretrained(
+        tmp_path / "hf")
+    flags = [a for a in TINY if a not in ("--model", "gpt-nano")]
+    result = ok(run(flags + ["--nprocs", "2", "--batch-size", "2", "--max-steps", "2", "--lr", "1e-12",
+                             "--init-from", tmp_path / "hf", "--out", tmp_path / "out"], token_cache))
+    assert f"from {tmp_path / 'hf'}" in result.stdout
+    expected = load_hf_gpt2(GPTModel(hf_gpt2_config(tmp_path / "hf")), tmp_path / "hf").state_dict()
+    trained = load_weights(tmp_path / "out")
+    for k, v in expected.items():
+        torch.testing.assert_close(trained[k], v, rtol=0, atol=1e-6)
+    expect_error(["--init-from", tmp_path / "hf", "--out", tmp_path / "o2"], token_cache,
+                 "--model and --init-from both choose the model")
