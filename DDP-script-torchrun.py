@@ -50,8 +50,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text if "default" in text else super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage text
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("processes")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="auto: CUDA when PyTorch sees a GPU, else the CPU")
@@ -208,6 +214,16 @@ def plan_data(args):
     return args
 
 
+def check_writable(out):
+    """--out, or the folder it would be made in, must be a writable folder (nothing is created)."""
+    folder = os.path.abspath(out)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UsageError(f"--out {out} is not writable ({folder} is not a writable folder): "
+                         f"choose another --out")
+
+
 def check_checkpoint(args):
     """The checkpoint to resume from (loaded lazily, memory-mapped), or None for a fresh run.
     Refuses to overwrite a checkpoint without --resume."""
@@ -218,8 +234,7 @@ def check_checkpoint(args):
         raise UsageError(f"{args.ckpt_path} already exists: pass --resume to continue that run, "
                          f"or choose another --out")
     if not args.resume:
-        if os.path.exists(args.out) and not os.access(args.out, os.W_OK):
-            raise UsageError(f"--out {args.out} is not writable: choose another --out")
+        check_writable(args.out)
         return None
     if not exists:
         raise UsageError(f"--resume: no checkpoint at {args.ckpt_path}: run once without --resume, "
@@ -268,8 +283,15 @@ def ddp_setup(rank, local_rank, args):
     store = None
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         store = restart_safe_store(rank, args.world_size, args.timeout)
-    dist.init_process_group(args.backend, store=store, rank=rank, world_size=args.world_size,
-                            timeout=datetime.timedelta(seconds=args.timeout))
+    try:
+        dist.init_process_group(args.backend, store=store, rank=rank, world_size=args.world_size,
+                                timeout=datetime.timedelta(seconds=args.timeout))
+    except dist.DistError as e:  # a process (or a node) never came, or the address is wrong
+        raise UsageError(
+            f"rank {rank} of {args.world_size} could not form the process group within --timeout "
+            f"{args.timeout:g}s via {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
+            f"({str(e).splitlines()[0]}): start every process or node, or check MASTER_ADDR, "
+            f"MASTER_PORT and firewalls") from None
     return device
 
 
@@ -406,8 +428,14 @@ def sample_text(raw_model, args, device):
 def save_checkpoint(path, payload):
     """Write to a temporary file, then rename: a crash mid-write leaves the old file intact."""
     tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, say: the previous file is still whole
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise TrainingError(f"cannot write {path}: {e.strerror}; free space or choose another "
+                            f"--out (the previous snapshot is intact)") from None
 
 
 def clean_state_dict(raw_model):
@@ -520,17 +548,21 @@ def train(rank, args, device, model, raw_model):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
             stop_signal = int(flag)
 
-            if step % args.log_every == 0 or epoch_end or done or stop_signal:
+            save_now = (epoch_end or done or stop_signal
+                        or (args.save_every and step % args.save_every == 0))
+            log_now = step % args.log_every == 0 or epoch_end or done or stop_signal
+            if (save_now or log_now) and not scaler.is_enabled():
+                # The gradient norm is the same on every rank (the gradients were all-reduced), so
+                # all ranks stop here together and a non-finite state is never saved. Only here:
+                # .item() waits for the GPU. (With fp16 the scaler skips inf steps by design.)
+                check_finite(grad_norm.item(), step, args)
+            if log_now:
                 stats = torch.stack([loss_sum, torch.tensor(float(loss_count), device=device)])
                 dist.all_reduce(stats)  # the same mean on every rank, so all see a NaN together
                 train_loss, norm = (stats[0] / stats[1]).item(), grad_norm.item()
                 loss_sum.zero_()
                 loss_count = 0
-                if not (math.isfinite(train_loss) and math.isfinite(norm)):
-                    raise TrainingError(
-                        f"the training loss is {train_loss} (gradient norm {norm}) at step {step}: "
-                        f"training diverged; lower --lr (now {args.lr}) and --resume from the "
-                        f"last good checkpoint, or start again")
+                check_finite(train_loss, step, args, "training loss")
                 now, n = time.time(), max(1, step - step_log)
                 tokens_per_sec = tokens_per_step * n / max(now - t_log - paused, 1e-9)
                 t_log, paused = now, 0.0
@@ -552,8 +584,7 @@ def train(rank, args, device, model, raw_model):
                 step_log, calls_log, bytes_log = step, comm["calls"], comm["bytes"]
                 paused += time.time() - now
 
-            if is_main and (epoch_end or done or stop_signal
-                            or (args.save_every and step % args.save_every == 0)):
+            if is_main and save_now:
                 t0 = time.time()
                 save_checkpoint(args.ckpt_path, snapshot(epoch + 1, 0) if epoch_end
                                 else snapshot(epoch, i + 1))
@@ -568,6 +599,12 @@ def train(rank, args, device, model, raw_model):
             paused += time.time() - t0
         epoch, skip = epoch + 1, 0
     return step, 0
+
+
+def check_finite(value, step, args, what="gradient norm"):
+    if not math.isfinite(value):
+        raise TrainingError(f"the {what} is {value} at step {step}: training diverged; lower --lr "
+                            f"(now {args.lr:g}) and --resume from the last checkpoint, or start again")
 
 
 def print_log(record, args, start_step):
@@ -681,16 +718,32 @@ def run(rank, local_rank, args):
         dist.barrier()  # nobody exits (and so nobody gets killed) before rank 0 has saved
         return 128 + stop_signal if stop_signal else 0
     except (UsageError, DataError) as e:
-        if local_rank == 0:
+        if local_rank == 0 or not dist.is_initialized():
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except TrainingError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
+    except (dist.DistError, RuntimeError) as e:
+        if not lost_a_peer(e):
+            raise
+        # Another rank died (its own error is the cause, printed by it or by the launcher);
+        # wait a moment so that the launcher sees that rank's failure before this one.
+        time.sleep(1)
+        print(f"error: rank {rank} lost contact with another rank, which failed or was killed: "
+              f"see that rank's error", file=sys.stderr, flush=True)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def lost_a_peer(error):
+    text = str(error)
+    return isinstance(error, dist.DistNetworkError) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer",
+                                  "Broken pipe", "NCCL communicator was aborted"))
 
 
 def main(argv=None):

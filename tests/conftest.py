@@ -1,10 +1,13 @@
 """Shared helpers for tests that run the training scripts as real processes (CPU, Gloo, loopback)."""
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -36,30 +39,56 @@ def script_env(cache, **extra):
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                         "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "GROUP_RANK")}
     env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
-               GPT_DDP_CACHE=str(cache), PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+               GPT_DDP_CACHE=str(cache), PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT),
+               GPT_DDP_TEST_MARK=uuid.uuid4().hex)  # inherited by every process of the run
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
 def start(cmd, env, **kw):
     """Start a command in its own process group, so that a timeout can kill all it started."""
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    proc.mark = env["GPT_DDP_TEST_MARK"]
+    return proc
+
+
+def leftovers(mark):
+    """Processes still alive that carry this run's mark in their environment."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"GPT_DDP_TEST_MARK={mark}".encode() in f.read().split(b"\0"):
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
 
 
 def finish(proc, timeout):
+    """Wait for a started command; record processes of the run that outlived it, then kill all."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_all(proc)
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout}s:\n{out}\n{err}")
-    finally:
-        try:  # nothing may outlive the run
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    deadline = time.time() + 5
+    while leftovers(proc.mark) and time.time() < deadline:
+        time.sleep(0.1)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    result.leftovers = leftovers(proc.mark)  # a process that outlived the command is a bug...
+    kill_all(proc)  # ... but it must not outlive the test either
+    return result
+
+
+def kill_all(proc):
+    for pid in leftovers(proc.mark):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run(args, cache, timeout=120, script="DDP-script.py", launcher=None, **env_extra):
@@ -69,6 +98,7 @@ def run(args, cache, timeout=120, script="DDP-script.py", launcher=None, **env_e
 
 def ok(result):
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert not result.leftovers, f"processes left behind: {result.leftovers}"
     return result
 
 

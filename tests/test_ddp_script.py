@@ -118,7 +118,7 @@ def expect_error(args, cache, needle, env=None):
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert needle in lines[0], lines[0]
-    assert time.time() - t0 < 30
+    assert time.time() - t0 < 30 and not result.leftovers
     return lines[0]
 
 

@@ -1,0 +1,169 @@
+"""Faults and bad input: every case ends quickly, says what went wrong in one line, leaves no
+process behind and never damages the last good checkpoint."""
+import os
+import shutil
+import signal
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, finish, free_port, load_weights, ok, run, script_env, start
+
+FAULTS = f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'faults'}"  # PYTHONPATH with sitecustomize.py
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+SHORT = TINY + ["--nprocs", "2", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory, token_cache):
+    """A finished run whose ckpt.pt every bad command below must leave exactly as it is."""
+    out = tmp_path_factory.mktemp("good")
+    ok(run(SHORT + ["--max-steps", "4", "--out", out], token_cache))
+    return out
+
+
+@pytest.fixture
+def guarded(good_run, tmp_path):
+    """A copy of the good run; after the test its ckpt.pt must be byte-identical."""
+    out = tmp_path / "run"
+    shutil.copytree(good_run, out)
+    before = (out / "ckpt.pt").read_bytes()
+    yield out
+    assert (out / "ckpt.pt").read_bytes() == before, "the last good checkpoint was changed"
+
+
+def failed(result, needle, seconds, started):
+    """Non-zero exit, the cause in one `error:` line, no traceback, no process left, quickly."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert any(needle in l for l in errors), result.stderr
+    assert not result.leftovers, f"processes left behind: {result.leftovers}"
+    assert time.time() - started < seconds
+    return errors
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--batch-size", "-1"], "--batch-size must be at least 1"),
+    (["--nprocs", "0"], "--nprocs must be at least 1"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["--context-length", "129"], "outside 1..128"),
+    (["--model", "gpt-huge"], "invalid choice: 'gpt-huge'"),
+    (["--backend", "nccl"], "--backend nccl needs CUDA"),
+    (["--data", "/nonexistent.txt"], "data file not found"),
+    (["--model", "gpt-mini"], "holds a gpt-nano model, not gpt-mini"),
+])
+def test_bad_input_leaves_checkpoint_alone(args, needle, guarded, token_cache):
+    t0 = time.time()
+    failed(run(SHORT + ["--out", guarded, "--resume"] + args, token_cache, timeout=60), needle, 30, t0)
+
+
+def test_out_not_writable(tmp_path, token_cache):
+    (tmp_path / "file").write_text("not a folder")
+    t0 = time.time()
+    failed(run(SHORT + ["--out", tmp_path / "file" / "run"], token_cache, timeout=60),
+           "is not writable", 30, t0)
+
+
+def test_resume_from_truncated_checkpoint(guarded, token_cache):
+    ckpt = guarded / "ckpt.pt"
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[:1000])
+    t0 = time.time()
+    failed(run(SHORT + ["--out", guarded, "--resume"], token_cache, timeout=60), "is damaged", 30, t0)
+    ckpt.write_bytes(good)  # for the fixture's check
+
+
+def test_a_node_that_never_arrives_under_script_timeout(tmp_path, token_cache):
+    """RANK 0 of a 2-process job whose rank 1 never starts: --timeout bounds the wait."""
+    t0 = time.time()
+    result = run(TINY + ["--out", tmp_path, "--timeout", "5"], token_cache, timeout=60,
+                 RANK=0, WORLD_SIZE=2, LOCAL_RANK=0, LOCAL_WORLD_SIZE=1, MASTER_PORT=free_port())
+    failed(result, "rank 0 of 2 could not form the process group within --timeout 5s", 30, t0)
+
+
+def test_a_node_that_never_arrives_under_torchrun(tmp_path, token_cache):
+    """c10d rendezvous with join_timeout: torchrun gives up on the missing node by itself."""
+    t0 = time.time()
+    proc = start(TORCHRUN + ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                             f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=lonely",
+                             "--rdzv-conf=join_timeout=5", "DDP-script-torchrun.py",
+                             *map(str, TINY + ["--out", tmp_path])], script_env(token_cache))
+    result = finish(proc, 90)
+    assert result.returncode != 0
+    assert "RendezvousTimeoutError" in result.stderr  # torchrun's own report
+    assert not result.leftovers and time.time() - t0 < 60
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_rank_that_raises_ends_the_job(guarded, token_cache):
+    """Rank 1 raises mid-epoch: all ranks exit within seconds and the cause is that error."""
+    t0 = time.time()
+    result = run(SHORT + ["--out", guarded, "--resume", "--max-steps", "40", "--save-every", "100"],
+                 token_cache, timeout=90, PYTHONPATH=FAULTS, GPT_DDP_FAULT="raise:1:3")
+    assert result.returncode != 0
+    assert "injected failure on rank 1 at step 3" in result.stderr
+    assert not result.leftovers and time.time() - t0 < 60
+
+
+def test_a_rank_that_raises_under_torchrun(tmp_path, token_cache):
+    t0 = time.time()
+    result = run(TINY + ["--batch-size", "2", "--max-steps", "40", "--out", tmp_path], token_cache,
+                 script="DDP-script-torchrun.py", timeout=90,
+                 launcher=TORCHRUN + ["--standalone", "--nproc_per_node=2"],
+                 PYTHONPATH=FAULTS, GPT_DDP_FAULT="raise:1:3")
+    assert result.returncode != 0
+    assert "injected failure on rank 1 at step 3" in result.stderr
+    assert "rank 0 lost contact with another rank" in result.stderr  # one line, no traceback
+    assert not result.leftovers and time.time() - t0 < 60
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_and_resumes(sig, tmp_path, token_cache):
+    """Ctrl-C reaches every process of the terminal's group; a scheduler's SIGTERM may reach the
+    parent only. Either way all ranks stop at one step, save it, and --resume finishes the run."""
+    flags = SHORT + ["--max-steps", "60", "--save-every", "2", "--out", str(tmp_path)]
+    proc = start([sys.executable, "DDP-script.py", *flags], script_env(token_cache))
+    while not (tmp_path / "ckpt.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    t0 = time.time()
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
+    result = finish(proc, 60)
+    assert result.returncode == 128 + sig, result.stdout + result.stderr
+    assert time.time() - t0 < 15 and not result.leftovers
+    assert f"stopped by {sig.name} after step" in result.stdout
+    step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
+    resumed = ok(run(flags + ["--resume"], token_cache, timeout=300))
+    assert f"resumed from step {step}" in resumed.stdout
+
+
+def test_crash_while_writing_a_checkpoint(tmp_path, token_cache):
+    """The writer dies halfway through its second snapshot: the first one is still whole."""
+    flags = SHORT + ["--max-steps", "8", "--save-every", "2", "--out", tmp_path]
+    crashed = run(flags, token_cache, timeout=90, PYTHONPATH=FAULTS, GPT_DDP_FAULT="kill-in-save:2")
+    assert crashed.returncode != 0 and not crashed.leftovers
+    assert (tmp_path / "ckpt.pt.tmp").exists()  # the half-written file
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    resumed = ok(run(flags + ["--resume"], token_cache))
+    assert "resumed from step 2" in resumed.stdout
+    reference = tmp_path.parent / "reference"
+    ok(run(SHORT + ["--max-steps", "8", "--out", reference], token_cache))
+    a, b = load_weights(reference), load_weights(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_divergence_stops_every_rank_and_never_saves_nan(tmp_path, token_cache):
+    t0 = time.time()
+    result = run(SHORT + ["--lr", "1e4", "--max-steps", "40", "--save-every", "1", "--out", tmp_path],
+                 token_cache, timeout=90)
+    errors = failed(result, "training diverged; lower --lr", 60, t0)
+    assert len(errors) == 1  # rank 0 speaks for all; every rank stopped at the same check
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / "model.pt").exists()
