@@ -98,7 +98,8 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW, 2-D weights only")
     g.add_argument("--max-norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="autocast precision; auto: bf16 on GPUs that have it, else fp16; off on the CPU")
+                   help="autocast precision; auto: bf16 on GPUs that have it, else fp16; on the CPU "
+                        "bf16 where it is native (AVX512-BF16, AMX), else off (default: auto)")
     g.add_argument("--grad-compression", choices=["none", "bf16"], default="none",
                    help="all-reduce gradients as bf16 (halves traffic between nodes)")
     g.add_argument("--seed", type=int, default=123, help="same seed, same settings: same weights")
@@ -167,11 +168,12 @@ def plan_run(args):
                          "use --backend gloo (or --device cuda on a GPU machine)")
 
     # Precision. Parameters, gradients and the all-reduce stay fp32; autocast runs the matmuls.
+    args.amp_auto = args.amp == "auto"
     if args.amp == "auto":
         if args.device == "cuda":
             args.amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            args.amp = "off"
+        else:  # bf16 where the CPU computes it natively (AVX512-BF16, AMX), else fp32
+            args.amp = "bf16" if cpu_has_bf16() else "off"
     if args.amp == "fp16" and args.device != "cuda":
         raise UsageError("--amp fp16 needs a CUDA GPU: use --amp bf16 or --amp off on the CPU")
 
@@ -224,6 +226,11 @@ def plan_data(args):
         args.warmup_steps = args.total_steps // 10
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     return args
+
+
+def cpu_has_bf16():
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def check_writable(out):
@@ -281,6 +288,8 @@ def ddp_setup(rank, local_rank, args):
     if args.device == "cuda":
         torch.cuda.set_device(local_rank)  # before init, so NCCL binds this process to its GPU
         device = torch.device("cuda", local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (TF32)
+        torch.backends.cudnn.allow_tf32 = True
     else:
         if "OMP_NUM_THREADS" not in os.environ:  # else the user (or torchrun) chose already
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(
@@ -631,7 +640,10 @@ def print_plan(args, n_params):
         f"model {args.model}: {n_params:,} parameters, context {args.context_length}"
         f" (of {args.model_config['context_length']}), dropout {args.model_config['drop_rate']}"
         + (", from " + args.init_from if args.init_from else "") + (", compiled" if args.compile else ""),
-        f"precision: {'fp32' if args.amp == 'off' else args.amp + ' autocast'}, fp32 weights"
+        f"precision: {'fp32' if args.amp == 'off' else args.amp + ' autocast'}"
+        + (" (--amp auto: this CPU computes bf16 natively)"
+           if args.amp_auto and args.amp == "bf16" and args.device == "cpu" else "")
+        + ", fp32 weights"
         f" and gradients, {'bf16' if args.grad_compression == 'bf16' else 'fp32'} all-reduce",
         f"batch: {args.batch_size} x {args.context_length} tokens per process, x {args.world_size}"
         f" process(es) x {args.grad_accum} accumulation = {seqs} sequences,"
