@@ -294,7 +294,9 @@ def ddp_setup(rank, local_rank, args):
         store = restart_safe_store(rank, args.world_size, args.timeout)
     try:
         dist.init_process_group(args.backend, store=store, rank=rank, world_size=args.world_size,
-                                timeout=datetime.timedelta(seconds=args.timeout))
+                                timeout=datetime.timedelta(seconds=args.timeout),
+                                # NCCL: bind the group to this GPU (barriers use it too)
+                                device_id=device if args.backend == "nccl" else None)
     except dist.DistError as e:  # a process (or a node) never came, or the address is wrong
         raise UsageError(
             f"rank {rank} of {args.world_size} could not form the process group within --timeout "

@@ -297,7 +297,9 @@ def ddp_setup(rank, local_rank, args):
         device = torch.device("cpu")
     try:
         dist.init_process_group(args.backend, rank=rank, world_size=args.world_size,
-                                timeout=datetime.timedelta(seconds=args.timeout))
+                                timeout=datetime.timedelta(seconds=args.timeout),
+                                # NCCL: bind the group to this GPU (barriers use it too)
+                                device_id=device if args.backend == "nccl" else None)
     except dist.DistError as e:  # a process (or a node) never came, or the address is wrong
         raise UsageError(
             f"rank {rank} of {args.world_size} could not form the process group within --timeout "
