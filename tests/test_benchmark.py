@@ -1,0 +1,46 @@
+"""benchmarks/benchmark.py --quick runs to the end and reports every figure. Speed is never asserted."""
+import json
+import math
+
+from conftest import ok, run
+
+
+def positive(value, what):
+    assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{what}: {value!r}"
+    assert math.isfinite(value) and value > 0, f"{what} is {value!r}"
+
+
+def test_quick_benchmark_reports_every_figure(tmp_path, token_cache):
+    out = tmp_path / "bench.json"
+    result = ok(run(["--quick", "--json", out], token_cache, timeout=240,
+                    script="benchmarks/benchmark.py"))
+    assert "| config |" in result.stdout and "ours / baseline" in result.stdout
+    data = json.loads(out.read_text())
+
+    positive(data["ceiling"]["fp32_tflops"], "fp32 matmul rate")
+    positive(data["ceiling"]["bf16_tflops"], "bf16 matmul rate")
+
+    names = {r["name"] for r in data["single"]}
+    assert {"fp32", "bf16"} <= names, names
+    for row in data["single"]:
+        for key in ("tokens_per_sec", "step_time_s", "peak_mem_mb", "mfu", "flops_per_token"):
+            positive(row[key], f"{row['name']} {key}")
+        for phase, seconds in row["phases_s"].items():
+            positive(seconds, f"{row['name']} {phase}")
+    positive(data["bf16_over_fp32"], "bf16 / fp32")
+
+    rows = data["scaling"]["rows"]
+    assert sorted((r["world"], r["grad_accum"], r["independent"]) for r in rows) == [
+        (1, 1, False), (1, 4, False), (2, 1, False), (2, 1, True), (2, 4, False), (2, 4, True)]
+    for row in rows:
+        for key in ("tokens_per_sec", "per_process_tokens_per_sec", "efficiency",
+                    "allreduce_calls_per_step", "allreduce_mb_per_step"):
+            positive(row[key], f"world {row['world']} accum {row['grad_accum']} {key}")
+        if row["world"] == 2 and not row["independent"]:  # DDP against 2 independent processes
+            positive(row["of_independent"], "of independent")
+
+    base = data["baseline"]
+    for key in ("ours_tokens_per_sec", "baseline_tokens_per_sec", "ratio"):
+        positive(base[key], key)
+    positive(data["runtime_s"], "runtime")
+    assert len(data["targets"]) == 5
