@@ -613,10 +613,9 @@ def scaling_settings(device, args):
 
 
 def scaling_run(device, args, env, corpus, out, world, accum, amp, sizes, independent=False):
-    """One DDP-script.py run at world size `world`; returns its metrics.jsonl rows. With
-    `independent`, `world` single-process runs at once instead, which share nothing: what the
-    machine itself allows W processes (cores, memory bandwidth, clock speed) without any DDP.
-    Returns a list of each run's rows."""
+    """One DDP-script.py run at world size `world`, or with `independent`, `world` single-process
+    runs at once, which share nothing: what the machine itself allows W processes (cores, memory
+    bandwidth, clock speed) without any DDP. Returns each run's metrics.jsonl rows, in a list."""
     preset, context, batch = sizes
     log_every = max(1, args.scaling_micro // accum)
 
@@ -635,7 +634,7 @@ def scaling_run(device, args, env, corpus, out, world, accum, amp, sizes, indepe
             return [json.loads(line) for line in f if line.strip()]
 
     if not independent:
-        return one(world, out)
+        return [one(world, out)]
     with concurrent.futures.ThreadPoolExecutor(world) as pool:
         return list(pool.map(lambda i: one(1, out / f"copy{i}"), range(world)))
 
@@ -660,7 +659,8 @@ def measure_scaling(device, args, amp, tmp):
         env["OMP_NUM_THREADS"] = "1"  # one thread per process: W processes on W cores
     # Log intervals after the first (warm-up) of each run, pooled over the repeats. The kinds
     # of run alternate (1 2 2-independent 1 2 ...) so that a slow spell hits them alike.
-    intervals = {(w, a, ind): [] for a in args.scaling_accum for w, ind in kinds}
+    intervals = {(w, a, ind): [[] for _ in range(w if ind else 1)]  # rows of each process run
+                 for a in args.scaling_accum for w, ind in kinds}
     walls = {key: 0.0 for key in intervals}
     for repeat in range(args.scaling_repeats):
         for accum in args.scaling_accum:
@@ -669,10 +669,7 @@ def measure_scaling(device, args, amp, tmp):
                 name = f"scaling-w{world}-a{accum}-r{repeat}" + ("-independent" * independent)
                 runs = scaling_run(device, args, env, corpus, tmp / name, world, accum, amp,
                                    (preset, context, batch), independent)
-                runs = runs if independent else [runs]
                 counted = [metrics[1:] or metrics for metrics in runs]
-                if not intervals[world, accum, independent]:
-                    intervals[world, accum, independent] = [[] for _ in counted]
                 for pooled, metrics in zip(intervals[world, accum, independent], counted):
                     pooled += metrics
                 walls[world, accum, independent] += time.perf_counter() - t0
