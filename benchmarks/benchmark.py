@@ -13,7 +13,9 @@ Sections:
    optimizer.step, zero_grad(set_to_none=True). Each configuration runs in a fresh process, so
    its peak memory is its own.
 3. DDP weak scaling: the real DDP-script.py at world size 1 and 2 (or 1..GPUs), the same batch per
-   process, gradient accumulation 1 and 4, figures read from its metrics.jsonl.
+   process, gradient accumulation 1 and 4, figures read from its metrics.jsonl. Beside it, the
+   all-reduce alone: W processes all-reduce one buffer the size of the gradients (fp32, and bf16
+   as --grad-compression bf16 sends it), which bounds what overlap with backward can hide.
 4. Baseline: the book's chapter-4/5 model and step (benchmarks/book_model.py), timed interleaved
    with ours as the scripts run it by default (--amp auto, no compile).
 
@@ -43,6 +45,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -110,8 +114,12 @@ def parse_args(argv=None):
     g.add_argument("--scaling-accum", type=int, nargs="+", default=[1, 4])
     g.add_argument("--scaling-amp", choices=["off", "bf16", "fp16"], default=None,
                    help="--amp for the runs (default: what the script picks here, as --ours-amp)")
-    g.add_argument("--scaling-intervals", type=int, default=8,
-                   help="log intervals per run; the first is warm-up and not counted")
+    g.add_argument("--scaling-intervals", type=int, default=7,
+                   help="log intervals counted per run, after the warm-up")
+    g.add_argument("--scaling-warmup-steps", type=int, default=8,
+                   help="optimizer steps left out at the start of each run, rounded up to whole "
+                        "log intervals (at least one): processes that start together run slowly "
+                        "for their first seconds")
     g.add_argument("--scaling-micro", type=int, default=4,
                    help="micro-batches per log interval (steps per interval = this / accumulation)")
     g.add_argument("--scaling-repeats", type=int, default=3,
@@ -120,6 +128,8 @@ def parse_args(argv=None):
     g.add_argument("--scaling-script-args", default="", metavar="ARGS",
                    help="more flags for DDP-script.py, e.g. \"--grad-compression bf16\"")
     g.add_argument("--scaling-timeout", type=float, default=900, help="seconds allowed to one run")
+    g.add_argument("--allreduce-reps", type=int, default=10,
+                   help="timings of the all-reduce alone; the median counts")
     g = p.add_argument_group("4. baseline")
     g.add_argument("--skip-baseline", action="store_true")
     g.add_argument("--ours-amp", choices=["off", "bf16", "fp16"], default=None,
@@ -133,8 +143,9 @@ def parse_args(argv=None):
         args.matmul_size, args.matmul_reps = 256, 5
         args.skip_compile = True
         args.scaling_preset, args.scaling_context, args.scaling_batch = "gpt-nano", 32, 2
-        args.scaling_intervals, args.scaling_micro, args.scaling_repeats = 3, 4, 1
-        args.rounds, args.round_steps = 2, 1
+        args.scaling_intervals, args.scaling_micro, args.scaling_repeats = 2, 4, 1
+        args.scaling_warmup_steps = 1
+        args.rounds, args.round_steps, args.allreduce_reps = 2, 1, 3
     return args
 
 
@@ -480,8 +491,11 @@ def peak_memory(device, rss_before):
 
 
 def worker(spec):
-    """One configuration of section 2 (kind "step") or the interleaved comparison of section 4
-    (kind "interleave"), in this fresh process. Returns a dict of figures."""
+    """One configuration of section 2 (kind "step"), the interleaved comparison of section 4
+    (kind "interleave") or section 3's all-reduce alone (kind "allreduce"), in this fresh process.
+    Returns a dict of figures."""
+    if spec["kind"] == "allreduce":
+        return allreduce_alone(spec)
     device = torch.device(spec["device"])
     script = load_script()
     if device.type == "cpu":  # as ddp_setup does; in the interleaved run the baseline gains too
@@ -538,14 +552,56 @@ def worker(spec):
     return result
 
 
-def run_worker(spec, timeout):
+def run_worker(spec, timeout, env=None):
     cmd = [sys.executable, Path(__file__).resolve(), "--worker", json.dumps(spec)]
-    code, out, err = run_command(cmd, clean_env(), timeout)
+    code, out, err = run_command(cmd, env or clean_env(), timeout)
     lines = [l for l in out.splitlines() if l.startswith(RESULT_MARK)]
     if code != 0 or not lines:
         raise RuntimeError(f"worker {spec['kind']} {spec.get('name', '')} failed (exit {code}):\n"
                            f"{out[-3000:]}\n{err[-3000:]}")
     return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+def allreduce_proc(rank, spec, init_method, queue):
+    """One of allreduce_alone's processes: times dist.all_reduce of a gradient-sized buffer."""
+    cuda = spec["device"] == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(1)  # as the scaling runs
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank,
+                            world_size=spec["world"])
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    times = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        buffer = torch.ones(spec["numel"], dtype=dtype, device=device)
+        runs = []
+        for _ in range(spec["warmup"] + spec["reps"]):
+            dist.barrier()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dist.all_reduce(buffer)
+            if cuda:
+                torch.cuda.synchronize()
+            runs.append(time.perf_counter() - t0)
+        times[f"{name}_ms"] = statistics.median(runs[spec["warmup"]:]) * 1000
+    if rank == 0:
+        queue.put(times)
+    dist.destroy_process_group()
+
+
+def allreduce_alone(spec):
+    """spec["world"] processes (Gloo on the CPU, NCCL on GPUs), rendezvous through a file, not a
+    port; rank 0's median times."""
+    store = tempfile.mkdtemp(prefix="bench-allreduce-")
+    try:
+        queue = mp.get_context("spawn").SimpleQueue()
+        mp.spawn(allreduce_proc, args=(spec, f"file://{store}/rendezvous", queue),
+                 nprocs=spec["world"])
+        return queue.get()
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
 
 
 CONFIGS = {"fp32": ("off", False), "bf16": ("bf16", False),  # name: (--amp, torch.compile)
@@ -612,18 +668,25 @@ def scaling_settings(device, args):
             args.scaling_batch or defaults[2], worlds)
 
 
+def scaling_intervals(args, accum):
+    """Steps per log interval, and how many intervals at the start of a run are warm-up."""
+    log_every = max(1, args.scaling_micro // accum)
+    return log_every, max(1, math.ceil(args.scaling_warmup_steps / log_every))
+
+
 def scaling_run(device, args, env, corpus, out, world, accum, amp, sizes, independent=False):
     """One DDP-script.py run at world size `world`, or with `independent`, `world` single-process
     runs at once, which share nothing: what the machine itself allows W processes (cores, memory
     bandwidth, clock speed) without any DDP. Returns each run's metrics.jsonl rows, in a list."""
     preset, context, batch = sizes
-    log_every = max(1, args.scaling_micro // accum)
+    log_every, warm = scaling_intervals(args, accum)
 
     def one(nprocs, out):
         cmd = [sys.executable, ROOT / "DDP-script.py", "--device", device, "--nprocs", nprocs,
                "--model", preset, "--context-length", context, "--batch-size", batch,
                "--dropout", "0", "--grad-accum", accum, "--amp", amp, "--epochs", 1000,
-               "--max-steps", log_every * args.scaling_intervals, "--log-every", log_every,
+               "--max-steps", log_every * (warm + args.scaling_intervals),
+               "--log-every", log_every,
                "--eval-every", 100000, "--eval-iters", 1, "--sample-tokens", 1,
                "--data", corpus, "--out", out] + shlex.split(args.scaling_script_args)
         code, stdout, stderr = run_command(cmd, env, args.scaling_timeout)
@@ -645,7 +708,10 @@ def measure_scaling(device, args, amp, tmp):
     # evaluates, samples and saves; the script leaves that time out of tokens/s, but not all of
     # its cost, and the short default text would end an epoch every step or two).
     text = (ROOT / "assets" / "the-verdict.txt").read_text(encoding="utf-8")
-    needed = (args.scaling_intervals + 1) * args.scaling_micro * batch * context * max(worlds)
+    micro_batches = max(log_every * (warm + args.scaling_intervals + 1) * accum
+                        for accum in args.scaling_accum
+                        for log_every, warm in [scaling_intervals(args, accum)])
+    needed = micro_batches * batch * context * max(worlds)
     copies = 2 + math.ceil(needed / (0.9 * 5000))  # the text is about 5,100 tokens
     corpus = tmp / "corpus.txt"
     corpus.write_text("\n".join([text] * copies), encoding="utf-8")
@@ -669,7 +735,8 @@ def measure_scaling(device, args, amp, tmp):
                 name = f"scaling-w{world}-a{accum}-r{repeat}" + ("-independent" * independent)
                 runs = scaling_run(device, args, env, corpus, tmp / name, world, accum, amp,
                                    (preset, context, batch), independent)
-                counted = [metrics[1:] or metrics for metrics in runs]
+                warm = scaling_intervals(args, accum)[1]
+                counted = [metrics[warm:] or metrics for metrics in runs]
                 for pooled, metrics in zip(intervals[world, accum, independent], counted):
                     pooled += metrics
                 walls[world, accum, independent] += time.perf_counter() - t0
@@ -700,11 +767,38 @@ def measure_scaling(device, args, amp, tmp):
                       and r["grad_accum"] == row["grad_accum"]), None)
         row["of_independent"] = (row["tokens_per_sec"] / bound["tokens_per_sec"]
                                  if bound and not row["independent"] else None)
+    alone = allreduce_rows(device, args, preset, context, worlds, env)
+    for row in rows:  # what the all-reduce would cost if it overlapped none of the step
+        ar = next((a for a in alone if a["world"] == row["world"]), None)
+        base = next(r for r in rows if r["world"] == 1 and r["grad_accum"] == row["grad_accum"])
+        step_ms = 1000 * batch * context * row["grad_accum"] / base["per_process_tokens_per_sec"]
+        row["no_overlap_bound"] = (step_ms / (step_ms + ar["fp32_ms"])
+                                   if ar and not row["independent"] else None)
     return {"preset": preset, "context": context, "batch": batch, "amp": amp, "worlds": worlds,
             "threads_per_process": 1 if device == "cpu" else None,
             "script_args": args.scaling_script_args,
+            "warmup_intervals": {accum: scaling_intervals(args, accum)[1]
+                                 for accum in args.scaling_accum},
             "data": f"assets/the-verdict.txt x {copies} (no epoch end inside the measured steps)",
-            "rows": rows}
+            "rows": rows, "allreduce_alone": alone}
+
+
+def allreduce_rows(device, args, preset, context, worlds, env):
+    """For each world size above 1: all-reduce alone of one buffer with as many elements as the
+    model has gradients (DDP splits them into buckets; their sum is this)."""
+    _, config = script_plan(load_script(), device, preset, context, 0.0)
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in GPTModel(config).parameters())
+    rows = []
+    for world in (w for w in worlds if w > 1):
+        spec = {"kind": "allreduce", "device": device, "world": world, "numel": numel,
+                "warmup": 3, "reps": args.allreduce_reps}
+        times = run_worker(spec, args.scaling_timeout, env)
+        rows.append({"world": world, "numel": numel, "mb": numel * 4 / 2**20,
+                     "reps": args.allreduce_reps, **times})
+        print(f"  all-reduce alone, world {world}: {times['fp32_ms']:.1f} ms fp32, "
+              f"{times['bf16_ms']:.1f} ms bf16", file=sys.stderr, flush=True)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -805,6 +899,11 @@ def report(result):
         out += ["", f"## 3. DDP weak scaling: DDP-script.py, {sc['preset']}, context {sc['context']}, "
                     f"batch {sc['batch']} per process, amp {sc['amp']}"
                     + (", 1 thread per process" if sc["threads_per_process"] else ""), ""]
+        if sc.get("warmup_intervals"):
+            out += ["Tokens/s of a process: the median of its log intervals, pooled over "
+                    f"{sc['rows'][0]['runs']} run(s) of each kind, each run's warm-up left out ("
+                    + ", ".join(f"{n} interval(s) at accumulation {a}"
+                                for a, n in sc["warmup_intervals"].items()) + ").", ""]
         rows = [[f"{r['world']} x world 1, independent" if r["independent"] else r["world"],
                  r["grad_accum"], r["tokens_per_sec"], r["per_process_tokens_per_sec"],
                  f"{r['efficiency']:.3f}",
@@ -814,6 +913,16 @@ def report(result):
                                                            r["independent"]))]
         out.append(table(["processes", "accum", "tokens/s", "per process", "efficiency",
                           "of independent", "all-reduce calls/step", "all-reduce MB/step"], rows))
+        for a in sc.get("allreduce_alone", []):
+            steps = [(r["grad_accum"], r["no_overlap_bound"]) for r in sc["rows"]
+                     if r["world"] == a["world"] and r["no_overlap_bound"] is not None]
+            out += ["", f"All-reduce alone, {a['world']} processes, one buffer of "
+                        f"{a['numel']:,} elements (the gradients' count), median of {a['reps']}: "
+                        f"{a['fp32_ms']:.1f} ms as fp32 ({a['mb']:.1f} MB), {a['bf16_ms']:.1f} ms "
+                        f"as bf16 (what `--grad-compression bf16` sends). One process's step "
+                        f"plus this fp32 all-reduce, not overlapped, gives efficiency "
+                        + ", ".join(f"{b:.3f} at accumulation {acc}" for acc, b in sorted(steps))
+                        + "."]
         if any(r["independent"] for r in sc["rows"]):
             out += ["", "Efficiency: per-process tokens/s against one process. \"Independent\": "
                         "that many single-process runs at once, sharing nothing, so their "

@@ -49,7 +49,7 @@ cp "$WORK/compile/metrics.jsonl" "$OUT/train-compile-metrics.jsonl" 2>/dev/null 
 
 step benchmark 600 python benchmarks/benchmark.py --device cuda --preset gpt2-small \
   --context 1024 --batch "$BATCH" --steps 10 --warmup 3 --configs fp32 bf16 bf16+compile \
-  --scaling-intervals 6 --scaling-repeats 1 --rounds 3 --json "$OUT/benchmark-gpu.json"
+  --scaling-intervals 5 --scaling-repeats 1 --rounds 3 --json "$OUT/benchmark-gpu.json"
 sed -n '/^# Training benchmark/,$p' "$OUT/benchmark.log" > "$OUT/benchmark-gpu.md"
 
 echo "done in ${SECONDS}s; results in $OUT"

@@ -38,6 +38,12 @@ def test_quick_benchmark_reports_every_figure(tmp_path, token_cache):
             positive(row[key], f"world {row['world']} accum {row['grad_accum']} {key}")
         if row["world"] == 2 and not row["independent"]:  # DDP against 2 independent processes
             positive(row["of_independent"], "of independent")
+            positive(row["no_overlap_bound"], "efficiency bound without overlap")
+            assert row["no_overlap_bound"] < 1, row
+    (alone,) = data["scaling"]["allreduce_alone"]
+    assert alone["world"] == 2 and alone["numel"] == 2_503_392, alone  # gpt-nano's parameters
+    positive(alone["fp32_ms"], "all-reduce alone fp32")
+    positive(alone["bf16_ms"], "all-reduce alone bf16")
 
     base = data["baseline"]
     for key in ("ours_tokens_per_sec", "baseline_tokens_per_sec", "ratio"):
