@@ -88,9 +88,10 @@ def parse_args(argv=None):
     g.add_argument("--batch", type=int, default=2)
     g.add_argument("--dropout", type=float, default=None,
                    help="drop rate for sections 2 and 4 (default: the preset's, as the scripts)")
-    g.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
-    g.add_argument("--warmup", type=int, default=2,
-                   help="untimed steps first (compilation happens in the first)")
+    g.add_argument("--steps", type=int, default=6, help="timed steps per configuration")
+    g.add_argument("--warmup", type=int, default=5,
+                   help="untimed steps first: compilation happens in the first, and on the CPU "
+                        "the heap grows (fresh pages, page faults) for the first few")
     g.add_argument("--skip-compile", action="store_true",
                    help="no torch.compile configurations (compiling takes about a minute each on "
                         "a 2-core CPU)")
