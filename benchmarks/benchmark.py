@@ -60,6 +60,7 @@ RESULT_MARK = "BENCHMARK-RESULT "
 
 # Datasheet dense peaks (TFLOP/s, no sparsity), matched in this order against the device name.
 GPU_PEAKS = [
+    ("H200 NVL", {"gpu": "H200 NVL", "fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
     ("H200", {"gpu": "H200", "fp32": 67.0, "tf32": 494.7, "bf16": 989.0}),
     ("H100 NVL", {"gpu": "H100 NVL", "fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
     ("H100 PCIe", {"gpu": "H100 PCIe", "fp32": 51.0, "tf32": 378.0, "bf16": 756.0}),
@@ -137,6 +138,8 @@ def parse_args(argv=None):
                    help="autocast of ours (default: what DDP-script.py's plan_run picks here)")
     g.add_argument("--rounds", type=int, default=4, help="interleaved rounds (ours, baseline)")
     g.add_argument("--round-steps", type=int, default=2, help="steps of each model per round")
+    p.add_argument("--report-from", default=None, metavar="PATH",
+                   help="print the markdown report of a saved JSON (also of a run cut short)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one config
     args = p.parse_args(argv)
     if args.quick:
@@ -854,8 +857,9 @@ def report(result):
                + (f"; CPU bf16: {', '.join(m['cpu_bf16']) or 'none'}" if "cpu_bf16" in m else "")
                + "".join(f"; {k}={v}" for k, v in m["allocator_env"].items()))
     load = result["other_cpu_load"]
-    out.append(f"Total runtime: {result['runtime_s']:.0f} s. CPU used by other processes meanwhile, "
-               "in cores: " + ", ".join(f"{k} {v:.2f}" for k, v in load.items())
+    runtime = (f"Total runtime: {result['runtime_s']:.0f} s." if "runtime_s" in result
+               else "The run was cut short: only the sections below finished.")
+    out.append(f"{runtime} CPU used by other processes meanwhile, in cores: " + ", ".join(f"{k} {v:.2f}" for k, v in load.items())
                + (" (disturbed: rerun on an idle machine)" if max(load.values()) > 0.1 else ""))
     out += ["", f"## 1. Ceiling: {c['n']}^3 matmul, median of {c['reps']} timings, at the start "
                 f"and at the end (the higher counts)", ""]
@@ -960,6 +964,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         print(RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    if args.report_from:
+        with open(args.report_from) as f:
+            print(report(json.load(f)))
         return 0
     # On SIGTERM (a `timeout`, say) exit through run_command's cleanup, which kills the process
     # group of the run in progress: its processes are in a session of their own.

@@ -50,3 +50,14 @@ def test_quick_benchmark_reports_every_figure(tmp_path, token_cache):
         positive(base[key], key)
     positive(data["runtime_s"], "runtime")
     assert len(data["targets"]) == 5
+
+    # The report can be printed again from the JSON, also from one that a timeout cut short
+    # (the JSON is saved after every section).
+    again = ok(run(["--report-from", out], token_cache, script="benchmarks/benchmark.py"))
+    assert again.stdout.strip() == result.stdout[result.stdout.index("# Training benchmark"):].strip()
+    partial = {k: data[k] for k in ("machine", "settings", "other_cpu_load", "ceiling", "single")}
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    cut = ok(run(["--report-from", tmp_path / "partial.json"], token_cache,
+                 script="benchmarks/benchmark.py"))
+    assert "The run was cut short" in cut.stdout and "| config |" in cut.stdout
+    assert "DDP weak scaling" not in cut.stdout
