@@ -173,7 +173,9 @@ def plan_run(args):
     args.amp_auto = args.amp == "auto"
     if args.amp == "auto":
         if args.device == "cuda":
-            args.amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # Ampere (compute capability 8) and later compute bf16; is_bf16_supported() also
+            # says yes on older GPUs that emulate it slowly, and allocates on GPU 0 to find out.
+            args.amp = "bf16" if torch.cuda.get_device_capability(0)[0] >= 8 else "fp16"
         else:  # bf16 where the CPU computes it natively (AVX512-BF16, AMX), else fp32
             args.amp = "bf16" if cpu_has_bf16() else "off"
     if args.amp == "fp16" and args.device != "cuda":
@@ -454,11 +456,10 @@ def train(rank, args, device, model, raw_model):
     comm = {"calls": 0, "bytes": 0, "bf16": args.grad_compression == "bf16"}
     model.register_comm_hook(comm, counting_allreduce_hook)
     # The stop flag goes through a CPU group, so checking it never waits for the GPU.
-    control = dist.new_group(backend="gloo") if args.backend == "nccl" else None
+    control = (dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=args.timeout))
+               if args.backend == "nccl" else None)
 
-    step, epoch, skip, tokens_seen = 0, 0, 0, 0
-    if is_main and not args.resume:
-        keep_metrics_until(os.path.join(args.out, "metrics.jsonl"), 0)  # a fresh log
+    step, epoch, skip, tokens_seen, saved_world = 0, 0, 0, 0, world
     if args.resume:
         ckpt = torch.load(args.ckpt_path, map_location=device, weights_only=True)
         raw_model.load_state_dict(ckpt["model"])
@@ -466,15 +467,26 @@ def train(rank, args, device, model, raw_model):
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         step, epoch, tokens_seen = ckpt["step"], ckpt["epoch"], ckpt["tokens_seen"]
+        saved_world = ckpt["world_size"]
         # Skip what the epoch already consumed, counted in global batches of this run.
         skip = ckpt["samples_in_epoch"] // (args.batch_size * world * args.grad_accum)
-        if is_main:
-            print(f"resumed from step {step} (epoch {epoch + 1}, {skip} step(s) into it)"
-                  + ("" if ckpt["world_size"] == world else
-                     f"; saved at world size {ckpt['world_size']}, now {world}: the data order "
-                     f"differs from the original run"), flush=True)
-            keep_metrics_until(os.path.join(args.out, "metrics.jsonl"), step)
+        if skip >= args.steps_per_epoch:  # less than one step of this run is left in that epoch
+            epoch, skip = epoch + 1, 0
         del ckpt
+    # Each rank read --out itself: nodes that do not share it may hold different snapshots.
+    where = torch.tensor([step, -step], device=device)
+    dist.all_reduce(where, op=dist.ReduceOp.MAX)
+    if where[0] + where[1] != 0:
+        raise UsageError(f"the ranks found different snapshots in --out {args.out} (steps "
+                         f"{-int(where[1])} to {int(where[0])}): --out must be a folder that every "
+                         f"node shares, or start a fresh run with a new --out")
+    if is_main:
+        if args.resume:
+            print(f"resumed from step {step} (epoch {epoch + 1}, {skip} step(s) into it)"
+                  + ("" if saved_world == world else
+                     f"; saved at world size {saved_world}, now {world}: the data order "
+                     f"differs from the original run"), flush=True)
+        keep_metrics_until(os.path.join(args.out, "metrics.jsonl"), step)  # step 0: a fresh log
 
     def snapshot(epoch, steps_into_epoch):
         return {"model": clean_state_dict(raw_model), "optimizer": optimizer.state_dict(),
@@ -677,6 +689,7 @@ def run(rank, local_rank, args):
     """Set up, train and clean up one rank. Returns the process exit code."""
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    clean = False
     try:
         device = ddp_setup(rank, local_rank, args)
         model, raw_model = build_model(args, device)
@@ -696,6 +709,7 @@ def run(rank, local_rank, args):
                 print(f"done: {step} steps; weights in {os.path.join(args.out, 'model.pt')}",
                       flush=True)
         dist.barrier()  # nobody exits (and so nobody gets killed) before rank 0 has saved
+        clean = True
         return 128 + stop_signal if stop_signal else 0
     except (UsageError, DataError) as e:
         if local_rank == 0 or not dist.is_initialized():
@@ -716,7 +730,17 @@ def run(rank, local_rank, args):
         return 1
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            leave_process_group(clean)
+
+
+def leave_process_group(clean):
+    """After an error a peer may be gone with collectives still queued, which a plain destroy
+    would wait for (with NCCL, forever): abort the groups instead."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if clean or abort is None:
+        dist.destroy_process_group()
+    else:
+        abort()
 
 
 def lost_a_peer(error):

@@ -87,6 +87,22 @@ def test_sigterm_then_resume_matches_uninterrupted(uninterrupted, tmp_path, toke
     assert steps == sorted(set(steps)) and steps[-1] == 30  # no step logged twice
 
 
+def test_resume_late_in_epoch_at_larger_world(tmp_path, token_cache):
+    """1 process stops one step before its epoch ends; at 2 processes that remainder is less than
+    a step, so the resumed run starts the next epoch (and does not crash on an empty epoch)."""
+    flags = TINY + ["--batch-size", "11", "--out", tmp_path]
+    first = ok(run(flags + ["--nprocs", "1", "--max-steps", "12"], token_cache))
+    resumed = ok(run(flags + ["--nprocs", "2", "--max-steps", "14", "--resume"], token_cache))
+    per_epoch = [int(r.stdout.split(" steps per epoch")[0].rsplit("plan: ", 1)[1])
+                 for r in (first, resumed)]
+    assert per_epoch[0] == 13  # so step 12 is one step before the end of epoch 1
+    assert 12 * 11 // (11 * 2) >= per_epoch[1]  # and nothing of it is left at world size 2
+    assert "resumed from step 12 (epoch 2, 0 step(s) into it)" in resumed.stdout
+    assert "done: 14 steps" in resumed.stdout
+    rows = metrics(tmp_path)
+    assert [(r["step"], r["epoch"]) for r in rows][-1] == (14, 2)
+
+
 def test_torchrun_runs_without_spawning(runs, tmp_path, token_cache):
     """Under torchrun the script is one rank; same settings, same weights as mp.spawn."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

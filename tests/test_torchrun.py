@@ -25,8 +25,9 @@ def same_weights(out_a, out_b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def two_nodes(args, cache, nproc, rdzv="static", max_restarts=0):
-    """Start two torchrun agents on this machine, as node 0 and node 1, talking over 127.0.0.1."""
+def two_nodes(args, cache, nproc, rdzv="static", max_restarts=0, node_args=((), ())):
+    """Start two torchrun agents on this machine, as node 0 and node 1, talking over 127.0.0.1;
+    node_args: flags for one node only (the rest go to both)."""
     port = free_port()
     procs = []
     for node in (0, 1):
@@ -35,7 +36,7 @@ def two_nodes(args, cache, nproc, rdzv="static", max_restarts=0):
         else:
             launch = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test-job"]
         cmd = TORCHRUN + ["--nnodes=2", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
-                          *launch, SCRIPT, *map(str, args)]
+                          *launch, SCRIPT, *map(str, args), *map(str, node_args[node])]
         procs.append(start(cmd, script_env(cache)))
     return procs
 
@@ -129,3 +130,28 @@ def test_resume_at_another_world_size(tmp_path, token_cache):
     assert "saved at world size 2, now 1" in result.stdout
     assert "done: 12 steps" in result.stdout
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 12
+
+
+def test_nodes_with_different_snapshots_refuse_to_train(runs, tmp_path, token_cache):
+    """Nodes that do not share --out may hold different snapshots: training from different steps
+    would be silently wrong, so every rank stops with one line, and nothing is overwritten."""
+    ckpt = torch.load(runs("2x4", SPLITS["2x4"])[0] / "ckpt.pt", weights_only=True)
+    outs = [tmp_path / "node0", tmp_path / "node1"]
+    for out, step in zip(outs, (10, 4)):
+        out.mkdir()
+        torch.save(dict(ckpt, step=step), out / "ckpt.pt")
+    (outs[0] / "metrics.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in (5, 10, 11)))
+    before = [(o / name).read_bytes() for o in outs for name in ("ckpt.pt", "metrics.jsonl")
+              if (o / name).exists()]
+    agents = two_nodes(TINY + ["--batch-size", "4", "--max-steps", "12", "--resume"], token_cache,
+                       nproc=1, node_args=(["--out", outs[0]], ["--out", outs[1]]))
+    results = [finish(a, 120) for a in agents]
+    for r in results:
+        assert r.returncode != 0 and not r.leftovers, r.stdout + r.stderr
+        assert 'DDP-script-torchrun.py", line' not in r.stderr, r.stderr  # torchrun's report only
+    stderr = "".join(r.stderr for r in results)
+    assert stderr.count("error: the ranks found different snapshots in --out") == 2, stderr
+    assert "(steps 4 to 10)" in stderr
+    assert [(o / name).read_bytes() for o in outs for name in ("ckpt.pt", "metrics.jsonl")
+            if (o / name).exists()] == before  # not even the log is trimmed
+    assert not any((o / "model.pt").exists() for o in outs)
