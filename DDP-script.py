@@ -436,7 +436,15 @@ def save_checkpoint(path, payload):
 
 
 def clean_state_dict(raw_model):
-    return {k: v.detach().cpu() for k, v in raw_model.state_dict().items()}
+    """The weights on the CPU, each tensor copied once: the tied head and token embedding stay
+    one tensor, so a GPU run's files hold it once, as a CPU run's do."""
+    copies, state = {}, {}
+    for name, t in raw_model.state_dict().items():
+        key = (t.data_ptr(), t.dtype, t.shape)
+        if key not in copies:
+            copies[key] = t.detach().cpu()
+        state[name] = copies[key]
+    return state
 
 
 STOP = {"signal": 0}  # set by SIGINT/SIGTERM; the ranks agree on it after every step

@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from conftest import (RESUME, SPLITS, TINY, finish, free_port, load_weights, metrics, ok, run,
+from conftest import (ROOT, RESUME, SPLITS, TINY, finish, free_port, load_weights, metrics, ok, run,
                       script_env, start)
-from gpt_model import GPTModel
+from gpt_model import GPT_CONFIGS, GPTModel
 
 def test_trains_and_writes_outputs(runs):
     out, result = runs("2x4", SPLITS["2x4"])
@@ -232,3 +232,26 @@ def test_init_from_hugging_face_weights(tmp_path, token_cache):
         torch.testing.assert_close(trained[k], v, rtol=0, atol=1e-6)
     expect_error(["--init-from", tmp_path / "hf", "--out", tmp_path / "o2"], token_cache,
                  "--model and --init-from both choose the model")
+
+
+def test_checkpoint_keeps_tied_weights_as_one_tensor():
+    """On a GPU each .cpu() call makes a new copy: the tied head and embedding must still be saved
+    once (a tensor whose .cpu() copies, as a CUDA tensor's does, stands in for the GPU here)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ddp_script", ROOT / "DDP-script.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    class OnDevice(torch.Tensor):
+        def cpu(self):
+            return self.as_subclass(torch.Tensor).clone()
+
+    model = GPTModel({**GPT_CONFIGS["gpt-nano"], "n_layers": 1})
+    for p in model.parameters():
+        p.data = p.data.as_subclass(OnDevice)
+    state = script.clean_state_dict(model)
+    assert state["out_head.weight"] is state["tok_emb.weight"]
+    assert state["pos_emb.weight"] is not state["tok_emb.weight"]
+    assert all(type(t) is torch.Tensor for t in state.values())
+    assert all(torch.equal(t, model.state_dict()[k].as_subclass(torch.Tensor))
+               for k, t in state.items())
