@@ -484,10 +484,11 @@ def train(rank, args, device, model, raw_model):
     # Each rank read --out itself: nodes that do not share it may hold different snapshots.
     where = torch.tensor([step, -step], device=device)
     dist.all_reduce(where, op=dist.ReduceOp.MAX)
-    if where[0] + where[1] != 0:
+    highest, lowest = where[0].item(), -where[1].item()
+    if highest != lowest:
         raise UsageError(f"the ranks found different snapshots in --out {args.out} (steps "
-                         f"{-int(where[1])} to {int(where[0])}): --out must be a folder that every "
-                         f"node shares, or start a fresh run with a new --out")
+                         f"{lowest} to {highest}): --out must be a folder that every node "
+                         f"shares, or start a fresh run with a new --out")
     if is_main:
         if args.resume:
             print(f"resumed from step {step} (epoch {epoch + 1}, {skip} step(s) into it)"

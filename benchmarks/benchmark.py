@@ -859,7 +859,8 @@ def report(result):
     load = result["other_cpu_load"]
     runtime = (f"Total runtime: {result['runtime_s']:.0f} s." if "runtime_s" in result
                else "The run was cut short: only the sections below finished.")
-    out.append(f"{runtime} CPU used by other processes meanwhile, in cores: " + ", ".join(f"{k} {v:.2f}" for k, v in load.items())
+    out.append(f"{runtime} CPU used by other processes meanwhile, in cores: "
+               + ", ".join(f"{k} {v:.2f}" for k, v in load.items())
                + (" (disturbed: rerun on an idle machine)" if max(load.values()) > 0.1 else ""))
     out += ["", f"## 1. Ceiling: {c['n']}^3 matmul, median of {c['reps']} timings, at the start "
                 f"and at the end (the higher counts)", ""]

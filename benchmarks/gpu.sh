@@ -51,7 +51,6 @@ step benchmark $((bench_cap > 30 ? bench_cap : 30)) python benchmarks/benchmark.
   --json "$OUT/benchmark-gpu.json"
 if [[ -s "$OUT/benchmark-gpu.json" ]]; then  # the JSON is saved after every section
   python benchmarks/benchmark.py --report-from "$OUT/benchmark-gpu.json" > "$OUT/benchmark-gpu.md"
-  cat "$OUT/benchmark-gpu.md"
 fi
 
 step train-eager 50 python DDP-script.py --model gpt-nano --max-steps 20 --out "$WORK/eager"

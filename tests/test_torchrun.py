@@ -141,8 +141,11 @@ def test_nodes_with_different_snapshots_refuse_to_train(runs, tmp_path, token_ca
         out.mkdir()
         torch.save(dict(ckpt, step=step), out / "ckpt.pt")
     (outs[0] / "metrics.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in (5, 10, 11)))
-    before = [(o / name).read_bytes() for o in outs for name in ("ckpt.pt", "metrics.jsonl")
-              if (o / name).exists()]
+
+    def files():
+        return [(o / name).read_bytes() for o in outs for name in ("ckpt.pt", "metrics.jsonl")
+                if (o / name).exists()]
+    before = files()
     agents = two_nodes(TINY + ["--batch-size", "4", "--max-steps", "12", "--resume"], token_cache,
                        nproc=1, node_args=(["--out", outs[0]], ["--out", outs[1]]))
     results = [finish(a, 120) for a in agents]
@@ -152,6 +155,5 @@ def test_nodes_with_different_snapshots_refuse_to_train(runs, tmp_path, token_ca
     stderr = "".join(r.stderr for r in results)
     assert stderr.count("error: the ranks found different snapshots in --out") == 2, stderr
     assert "(steps 4 to 10)" in stderr
-    assert [(o / name).read_bytes() for o in outs for name in ("ckpt.pt", "metrics.jsonl")
-            if (o / name).exists()] == before  # not even the log is trimmed
+    assert files() == before  # not even the log is trimmed
     assert not any((o / "model.pt").exists() for o in outs)
