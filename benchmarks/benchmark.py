@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from book_model import BookGPTModel, book_loss_batch, book_optimizer  # noqa: E402
 from gpt_model import GPT_CONFIGS, GPTModel, count_parameters  # noqa: E402
+import run_support  # noqa: E402
 
 VOCAB = 50257
 RESULT_MARK = "BENCHMARK-RESULT "
@@ -135,7 +136,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("4. baseline")
     g.add_argument("--skip-baseline", action="store_true")
     g.add_argument("--ours-amp", choices=["off", "bf16", "fp16"], default=None,
-                   help="autocast of ours (default: what DDP-script.py's plan_run picks here)")
+                   help="autocast of ours (default: what the scripts' plan_run picks here)")
     g.add_argument("--rounds", type=int, default=4, help="interleaved rounds (ours, baseline)")
     g.add_argument("--round-steps", type=int, default=2, help="steps of each model per round")
     p.add_argument("--report-from", default=None, metavar="PATH",
@@ -165,15 +166,15 @@ def load_script():
 
 
 def script_plan(script, device, preset, context, dropout):
-    """What DDP-script.py's plan_run decides for one process on this device: amp and model config."""
+    """What the scripts' plan_run decides for one process on this device: amp and model config."""
     out = tempfile.mkdtemp(prefix="bench-plan-")
     try:
         argv = ["--device", device, "--nprocs", "1", "--model", preset, "--context-length",
                 str(context), "--out", os.path.join(out, "run")]
         if dropout is not None:
             argv += ["--dropout", str(dropout)]
-        args = script.plan_run(script.parse_args(argv))
-        return args.amp, args.model_config
+        plan = run_support.plan_run(script.parse_args(argv), launcher="benchmark")
+        return plan.amp, plan.model_config
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -503,7 +504,7 @@ def worker(spec):
     device = torch.device(spec["device"])
     script = load_script()
     if device.type == "cpu":  # as ddp_setup does; in the interleaved run the baseline gains too
-        script.keep_freed_memory()
+        run_support.keep_freed_memory()
     x, y = random_batch(spec, device)
     tokens = spec["batch"] * spec["context"]
     clock = Clock(device)

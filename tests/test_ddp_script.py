@@ -237,10 +237,7 @@ def test_init_from_hugging_face_weights(tmp_path, token_cache):
 def test_checkpoint_keeps_tied_weights_as_one_tensor():
     """On a GPU each .cpu() call makes a new copy: the tied head and embedding must still be saved
     once (a tensor whose .cpu() copies, as a CUDA tensor's does, stands in for the GPU here)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("ddp_script", ROOT / "DDP-script.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from run_support import clean_state_dict
 
     class OnDevice(torch.Tensor):
         def cpu(self):
@@ -249,7 +246,7 @@ def test_checkpoint_keeps_tied_weights_as_one_tensor():
     model = GPTModel({**GPT_CONFIGS["gpt-nano"], "n_layers": 1})
     for p in model.parameters():
         p.data = p.data.as_subclass(OnDevice)
-    state = script.clean_state_dict(model)
+    state = clean_state_dict(model)
     assert state["out_head.weight"] is state["tok_emb.weight"]
     assert state["pos_emb.weight"] is not state["tok_emb.weight"]
     assert all(type(t) is torch.Tensor for t in state.values())
