@@ -11,29 +11,19 @@ import pytest
 import torch
 
 import netns
-from conftest import (ROOT, RESUME, SPLITS, TINY, finish, free_port, load_weights, ok, run, script_env,
-                      start)
+from conftest import (ROOT, RESUME, SPLITS, TINY, finish, free_port, load_weights, ok, run,
+                      script_env, start)
 
 SCRIPT = "DDP-script-torchrun.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 CUT_TIMEOUT = 10  # --timeout of the link-cut run
 
 
-def require(reason):
-    """Skip with one line where namespaces cannot be made; under CI that is a failure, so the
-    suite cannot silently stop covering two hosts."""
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
 def hosts_ok():
     """Once per session: sweep namespaces that a killed earlier run left, check that two hosts
     can be made here."""
-    require(netns.why_not())
+    netns.require(netns.why_not())
 
 
 @pytest.fixture
@@ -108,7 +98,8 @@ def four_processes(tmp_path_factory, token_cache):
 
 
 def test_fixture_configures_only_its_namespaces_and_cleans_up(hosts_ok):
-    """The host's own interfaces and addresses are untouched; a killed run's namespaces are swept."""
+    """The host's own interfaces and addresses stay as they are; a killed run's namespaces are
+    swept."""
     def host_view():
         return [subprocess.run(["ip", "-br", what], capture_output=True, text=True).stdout
                 for what in ("link", "addr")]
@@ -139,10 +130,10 @@ def test_no_root_skips_with_one_line_or_fails_under_ci(monkeypatch):
     assert reason and "\n" not in reason and "root" in reason
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception):
-        require(reason)
+        netns.require(reason)
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception):
-        require(reason)
+        netns.require(reason)
 
 
 def test_static_two_hosts_one_process_each(link, runs, tmp_path, tmpdir_env, token_cache):
@@ -151,7 +142,8 @@ def test_static_two_hosts_one_process_each(link, runs, tmp_path, tmpdir_env, tok
     args = TINY + drop_nprocs(SPLITS["2x4"]) + ["--out", out, "--max-steps", "10"]
     node0, node1 = (finish(p, 180) for p in two_hosts(link, args, token_cache, **tmpdir_env))
     ok(node0), ok(node1)
-    assert "world size 2 (gloo on cpu, 1 thread(s) per process), started by torchrun" in node0.stdout
+    assert "world size 2 (gloo on cpu, 1 thread(s) per process), started by torchrun" in (
+        node0.stdout)
     assert "check: all 2 replicas" in node0.stdout and "plan:" not in node1.stdout
     assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.png", "metrics.jsonl", "model.pt"]
     assert same_weights(runs("2x4", SPLITS["2x4"])[0], out)
