@@ -47,6 +47,7 @@ class Link:
         self.ifname = self.ns  # the veth end inside each namespace
         self.addr = ADDRS
         self.closed = False
+        _cleanup_on_sigterm()
         _open.append(self)
         try:
             for ns in self.ns:
@@ -162,6 +163,21 @@ def close_all():
         link.close()
 
 
+def _on_sigterm(signum, frame):
+    close_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)  # then die of it, as without this handler
+
+
+def _cleanup_on_sigterm():
+    """A SIGTERM (a scheduler's, a CI runner's) ends a process without running atexit handlers:
+    remove the namespaces first, then die of the signal as before. (After a SIGKILL the next
+    sweep() removes them.)"""
+    with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def why_not(shaping=False):
     """None where two namespaces can be joined here (and, with shaping, tbf works on the link);
     else one line saying why not."""
@@ -174,6 +190,8 @@ def why_not(shaping=False):
     try:
         sweep()
         with Link() as link:
+            # ip netns exec also needs to remount /sys, which some containers forbid
+            subprocess.run(link.cmd(0, ["true"]), check=True, capture_output=True, timeout=30)
             if shaping:
                 link.shape(100e6)
     except (NetnsError, subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as e:

@@ -113,7 +113,18 @@ def test_fixture_configures_only_its_namespaces_and_cleans_up(hosts_ok):
         sleeper = subprocess.Popen(link.cmd(1, ["sleep", "60"]))
         assert link.pids(1) == [sleeper.pid]
     assert sleeper.wait(10) == -9  # killed before its namespace was deleted
-    # A run killed with SIGKILL cannot clean up: the next session's sweep does.
+    # SIGTERM: the namespaces go first, then the process dies of the signal.
+    code = ("import subprocess, sys, time; sys.path.insert(0, 'tests'); import netns; "
+            "l = netns.Link(); subprocess.Popen(l.cmd(1, ['sleep', '60'])); "
+            "print(*l.ns, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    names = proc.stdout.readline().split()
+    assert len(names) == 2 and set(names) <= set(netns.list_namespaces())
+    proc.terminate()
+    assert proc.wait(30) == -15
+    assert not set(names) & set(netns.list_namespaces())
+    # SIGKILL leaves no chance to clean up: the next session's sweep does.
     code = ("import os, signal, sys; sys.path.insert(0, 'tests'); import netns; "
             "l = netns.Link(); print(*l.ns, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
     orphan = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
