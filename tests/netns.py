@@ -33,7 +33,8 @@ def ip(*args, check=True, timeout=30):
     """Run `ip ARGS`; on failure raise NetnsError with ip's one-line complaint."""
     r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
-        raise NetnsError(f"ip {' '.join(args)}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        said = (r.stderr or r.stdout).strip().splitlines()
+        raise NetnsError(f"ip {' '.join(args)}: {said[-1] if said else f'exit {r.returncode}'}")
     return r
 
 
