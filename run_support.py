@@ -413,15 +413,22 @@ def keep_freed_memory():
 
 @contextlib.contextmanager
 def setup_errors(rank, world_size, timeout):
-    """A process (or a node) that never came, or a wrong address: one line, not a traceback."""
+    """A process (or a node) that never came, a wrong address or network interface: one line,
+    not a traceback. (Gloo reports its connection failures as plain RuntimeErrors.)"""
     try:
         yield
-    except dist.DistError as e:
+    except (dist.DistError, RuntimeError) as e:
+        text = str(e)
+        if "Unable to find address for" in text or "connectFullMesh" in text:
+            fix = ("set GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs) on every node to the "
+                   "interface that reaches the others (ip route get MASTER_ADDR shows it)")
+        else:
+            fix = ("start every process or node, or check MASTER_ADDR, MASTER_PORT and firewalls "
+                   "(under torchrun's c10d rendezvous, --local-addr on every node)")
         raise UsageError(
             f"rank {rank} of {world_size} could not form the process group within --timeout "
             f"{timeout:g}s via {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
-            f"({str(e).splitlines()[0]}): start every process or node, or check MASTER_ADDR, "
-            f"MASTER_PORT and firewalls") from None
+            f"({text.splitlines()[0] if text else type(e).__name__}): {fix}") from None
 
 
 def restart_safe_store(rank, world_size, timeout):
@@ -450,8 +457,9 @@ def restart_safe_store(rank, world_size, timeout):
                         store.set(f"gpt-ddp/welcome/{token}", str(generation))
                         answered.add(token)
             if waiting and time.time() > deadline:
-                raise UsageError(f"rank(s) {sorted(waiting)} did not start within --timeout "
-                                 f"{timeout:g}s: check that every node runs torchrun")
+                raise UsageError(f"rank(s) {sorted(waiting)} did not reach torchrun's store within "
+                                 f"--timeout {timeout:g}s: check that every node runs torchrun "
+                                 f"(with the c10d rendezvous, --local-addr on every node)")
             time.sleep(0.01)
     else:
         token = os.urandom(8).hex()
@@ -494,13 +502,14 @@ def one_process(rank, local_rank):
             print(f"error: {e}", file=sys.stderr, flush=True)
         code = 3
     except (dist.DistError, RuntimeError) as e:
-        if not lost_a_peer(e):
+        how = lost_a_peer(e)
+        if not how:
             raise
-        # Another rank died (its own error is the cause, printed by it or by the launcher);
-        # wait a moment so that the launcher sees that rank's failure before this one.
+        # Another rank died or went silent (its own error, if any, is the cause, printed by it
+        # or by the launcher); wait a moment so that the launcher sees that failure first.
         time.sleep(1)
-        print(f"error: rank {rank} lost contact with another rank, which failed or was killed: "
-              f"see that rank's error", file=sys.stderr, flush=True)
+        print(f"error: rank {rank} lost contact with another rank{how}", file=sys.stderr,
+              flush=True)
         code = 1
     finally:
         if dist.is_initialized():  # still in the group: training ended with an error
@@ -511,10 +520,16 @@ def one_process(rank, local_rank):
 
 
 def lost_a_peer(error):
+    """How this rank lost another, as the end of the error line; None for any other error."""
     text = str(error)
-    return isinstance(error, dist.DistNetworkError) or any(
-        sign in text for sign in ("Connection closed by peer", "Connection reset by peer",
-                                  "Broken pipe", "NCCL communicator was aborted"))
+    if "Timed out waiting" in text:  # Gloo: nothing came within the process group's timeout
+        return (": nothing arrived within --timeout (a rank or node hangs or died, or the "
+                "network between the nodes failed)")
+    if isinstance(error, dist.DistNetworkError) or any(
+            sign in text for sign in ("Connection closed by peer", "Connection reset by peer",
+                                      "Broken pipe", "NCCL communicator was aborted")):
+        return ", which failed or was killed: see that rank's error"
+    return None
 
 
 def supervise(context):

@@ -167,3 +167,12 @@ def test_divergence_stops_every_rank_and_never_saves_nan(tmp_path, token_cache):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_network_interface_that_does_not_exist(tmp_path, token_cache):
+    """GLOO_SOCKET_IFNAME naming an interface this machine lacks: one line naming the variable."""
+    t0 = time.time()
+    result = run(SHORT + ["--out", tmp_path / "out"], token_cache, timeout=60,
+                 GLOO_SOCKET_IFNAME="nosuch0")
+    failed(result, "Unable to find address for: nosuch0): set GLOO_SOCKET_IFNAME", 30, t0)
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
