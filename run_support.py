@@ -482,11 +482,11 @@ def request_stop(signum, frame):
 
 @contextlib.contextmanager
 def one_process(rank, local_rank):
-    """Runs one rank of the job. Ctrl-C and SIGTERM only raise a flag (the ranks agree on it after
-    the step, save and exit with 128 + signal); an error becomes one `error:` line and an exit
-    code: 2 bad input, 3 training diverged, 1 another rank was lost. After an error the process
-    group is aborted, not destroyed: a peer may be gone with collectives still queued, which a
-    plain destroy would wait for (with NCCL, forever)."""
+    """Runs one rank of the job, then ends the process with its exit code. Ctrl-C and SIGTERM
+    only raise a flag (the ranks agree on it after the step, save and exit with 128 + signal); an
+    error becomes one `error:` line and an exit code: 2 bad input, 3 training diverged, 1 another
+    rank was lost. After an error the process group is aborted, not destroyed: a peer may be gone
+    with collectives still queued, which a plain destroy would wait for (with NCCL, forever)."""
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     code = 0
@@ -515,8 +515,13 @@ def one_process(rank, local_rank):
         if dist.is_initialized():  # still in the group: training ended with an error
             abort = getattr(dist.distributed_c10d, "_abort_process_group", dist.destroy_process_group)
             abort()
-    if code:
-        sys.exit(code)
+    # End without Python's shutdown. DDP keeps the process group, and with it Gloo's and the
+    # TCPStore's C++ threads, alive after destroy_process_group; the interpreter tearing down
+    # beside them can abort the process ("terminate called without an active exception": exit 1
+    # or -6 instead of 0, 130 or 143). Everything the run wrote is closed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def lost_a_peer(error):
@@ -535,7 +540,10 @@ def lost_a_peer(error):
 def supervise(context):
     """Wait for mp.spawn's workers; pass a stop signal on to them; if one fails, stop the rest
     within seconds. Returns the exit code for the whole job."""
+    stop = []
+
     def forward(signum, frame):  # a scheduler may signal only this process: pass it on
+        stop.append(signum)
         for p in context.processes:
             if p.is_alive():
                 os.kill(p.pid, signum)
@@ -545,6 +553,10 @@ def supervise(context):
         while not context.join(grace_period=5):
             pass
     except mp.ProcessExitedException as e:  # the worker printed its own one-line error
+        if stop and e.exit_code == -stop[0]:  # it was still starting: the signal's default ended it
+            print(f"stopped by {signal.Signals(stop[0]).name} before training began; nothing was "
+                  f"saved", flush=True)
+            return 128 + stop[0]
         return e.exit_code if e.exit_code and e.exit_code > 0 else 1
     except mp.ProcessRaisedException as e:  # an unexpected error: show the worker's traceback
         print(f"error: rank {e.error_index} failed:\n{e}", file=sys.stderr)
