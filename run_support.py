@@ -515,10 +515,12 @@ def one_process(rank, local_rank):
         if dist.is_initialized():  # still in the group: training ended with an error
             abort = getattr(dist.distributed_c10d, "_abort_process_group", dist.destroy_process_group)
             abort()
-    # End without Python's shutdown. DDP keeps the process group, and with it Gloo's and the
-    # TCPStore's C++ threads, alive after destroy_process_group; the interpreter tearing down
-    # beside them can abort the process ("terminate called without an active exception": exit 1
-    # or -6 instead of 0, 130 or 143). Everything the run wrote is closed by now.
+    # End without Python's shutdown. A Gloo thread may still be freeing the tensors of the last
+    # collective (the replica check's all-gather) when the main thread exits; freeing them takes
+    # the GIL, and CPython 3.11 ends a thread that asks for the GIL during finalization with
+    # pthread_exit, which C++ turns into std::terminate: "terminate called without an active
+    # exception", exit 1 instead of 0, 130 or 143 (about 1 stop in 180 here; upstream
+    # pytorch/pytorch#179291, #190489). Everything the run wrote is closed by now.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -16,52 +16,57 @@ from conftest import TINY, finish, leftovers, script_env, start
 
 FLAGS = TINY + ["--batch-size", "2", "--max-steps", "500", "--save-every", "2"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-REPEATS = 2  # per launcher and signal; the signal lands at a different moment each time
+REPEATS = 2  # jobs per launcher and signal, side by side; each signal lands at another moment
 
 
-def stop_once(launcher, sig, out, cache, rng):
-    """Start a run, signal it once its first snapshot exists, and check how it ended."""
-    if launcher == "spawn":
-        cmd = [sys.executable, "DDP-script.py", *FLAGS, "--nprocs", "2"]
-    else:
-        cmd = [*TORCHRUN, "DDP-script-torchrun.py", *FLAGS]
-    proc = start(cmd + ["--out", str(out)], script_env(cache))
-    ckpt = out / "ckpt.pt"
-    deadline = time.time() + 90
-    while not ckpt.exists():
-        assert proc.poll() is None and time.time() < deadline, finish(proc, 10).stderr
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0, 0.5))  # anywhere in the next steps: forward, backward, all-reduce
-    if sig == signal.SIGINT or launcher == "torchrun":
-        os.killpg(proc.pid, sig)  # Ctrl-C, or a scheduler stopping every process of the job
-    else:
-        os.kill(proc.pid, sig)  # a scheduler that signals the parent alone: it passes it on
-    t0 = time.time()
-    result = finish(proc, 60)
+def stop_together(launcher, sig, outs, cache, rng):
+    """Start one run per folder in `outs` side by side (the load makes the exits race harder),
+    signal each once its first snapshot exists, and check how each ended."""
+    procs = []
+    for out in outs:
+        if launcher == "spawn":
+            cmd = [sys.executable, "DDP-script.py", *FLAGS, "--nprocs", "2"]
+        else:
+            cmd = [*TORCHRUN, "DDP-script-torchrun.py", *FLAGS]
+        procs.append(start(cmd + ["--out", str(out)], script_env(cache)))
+    for proc, out in zip(procs, outs):
+        deadline = time.time() + 90
+        while not (out / "ckpt.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, finish(proc, 10).stderr
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.5))  # anywhere in the next steps: forward, backward, all-reduce
+        if sig == signal.SIGINT or launcher == "torchrun":
+            os.killpg(proc.pid, sig)  # Ctrl-C, or a scheduler stopping every process of the job
+        else:
+            os.kill(proc.pid, sig)  # a scheduler that signals the parent alone: it passes it on
+    for proc, out in zip(procs, outs):
+        check_stop(launcher, finish(proc, 60), out)
+
+
+def check_stop(launcher, result, out):
     report = f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     assert "terminate called" not in result.stderr, report
     assert not result.leftovers, f"processes left behind: {result.leftovers}\n{report}"
-    assert time.time() - t0 < 30, report
     if launcher == "spawn":
-        assert result.returncode == 128 + sig, report
+        assert result.returncode in (130, 143), report
         assert "Traceback" not in result.stderr, report
     else:  # torchrun reports a signal as its own SignalException, exit 1; the ranks print none
         assert result.returncode == 1 and "SignalException" in result.stderr, report
         assert result.stderr.count("Traceback") == 1, report
     stopped = re.findall(r"stopped by (SIGINT|SIGTERM) after step (\d+);", result.stdout)
     assert len(stopped) == 1, report
-    snapshot = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if launcher == "spawn":
+        assert result.returncode == 128 + signal.Signals[stopped[0][0]], report
+    snapshot = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert snapshot["step"] == int(stopped[0][1]) >= 2, report
     assert snapshot["world_size"] == 2 and not (out / "model.pt").exists()
-    return snapshot["step"]
 
 
 @pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_repeated_stops_end_cleanly(launcher, sig, tmp_path, token_cache):
     rng = random.Random(f"{launcher}-{sig}")
-    for i in range(REPEATS):
-        stop_once(launcher, sig, tmp_path / f"stop{i}", token_cache, rng)
+    stop_together(launcher, sig, [tmp_path / f"stop{i}" for i in range(REPEATS)], token_cache, rng)
 
 
 def test_sigterm_while_the_workers_start(tmp_path, token_cache):
