@@ -106,6 +106,17 @@ def load_weights(out_dir):
     return torch.load(Path(out_dir) / "model.pt", map_location="cpu", weights_only=True)["model"]
 
 
+def drop_nprocs(args):
+    """The same flags without DDP-script.py's --nprocs (torchrun decides the processes)."""
+    i = args.index("--nprocs")
+    return args[:i] + args[i + 2:]
+
+
+def same_weights(out_a, out_b):
+    a, b = load_weights(out_a), load_weights(out_b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def metrics(out_dir):
     with open(Path(out_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]

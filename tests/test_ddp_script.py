@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import (ROOT, RESUME, SPLITS, TINY, finish, free_port, load_weights, metrics, ok, run,
+from conftest import (RESUME, SPLITS, TINY, finish, free_port, load_weights, metrics, ok, run,
                       script_env, start)
 from gpt_model import GPT_CONFIGS, GPTModel
 

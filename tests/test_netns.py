@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import netns
-from conftest import (ROOT, RESUME, SPLITS, TINY, finish, free_port, load_weights, ok, run,
-                      script_env, start)
+from conftest import (ROOT, RESUME, SPLITS, TINY, drop_nprocs, finish, free_port, ok, run,
+                      same_weights, script_env, start)
 
 SCRIPT = "DDP-script-torchrun.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -39,16 +39,6 @@ def tmpdir_env(tmp_path):
     d = tmp_path / "tmp"
     d.mkdir()
     return {"TMPDIR": d}
-
-
-def drop_nprocs(args):
-    i = args.index("--nprocs")
-    return args[:i] + args[i + 2:]
-
-
-def same_weights(out_a, out_b):
-    a, b = load_weights(out_a), load_weights(out_b)
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def agent(link, node, args, cache, port, nproc=1, rdzv="static", max_restarts=0, **env):

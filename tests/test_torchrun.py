@@ -7,22 +7,11 @@ import time
 
 import torch
 
-from conftest import (RESUME, SPLITS, TINY, finish, free_port, load_weights, ok, run, script_env,
-                      start)
+from conftest import (RESUME, SPLITS, TINY, drop_nprocs, finish, free_port, ok, run, same_weights,
+                      script_env, start)
 
 SCRIPT = "DDP-script-torchrun.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-def drop_nprocs(args):
-    """The same flags without DDP-script.py's --nprocs (torchrun decides the processes)."""
-    i = args.index("--nprocs")
-    return args[:i] + args[i + 2:]
-
-
-def same_weights(out_a, out_b):
-    a, b = load_weights(out_a), load_weights(out_b)
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def two_nodes(args, cache, nproc, rdzv="static", max_restarts=0, node_args=((), ())):
