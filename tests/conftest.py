@@ -1,6 +1,7 @@
 """Shared helpers for tests that run the training scripts as real processes (CPU, Gloo, loopback)."""
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -115,6 +116,12 @@ def drop_nprocs(args):
 def same_weights(out_a, out_b):
     a, b = load_weights(out_a), load_weights(out_b)
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def positive(value, what):
+    """A reported figure: a finite number above zero (speed itself is never asserted)."""
+    assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{what}: {value!r}"
+    assert math.isfinite(value) and value > 0, f"{what} is {value!r}"
 
 
 def metrics(out_dir):

@@ -1,13 +1,7 @@
 """benchmarks/benchmark.py --quick runs to the end and reports every figure. Speed is never asserted."""
 import json
-import math
 
-from conftest import ok, run
-
-
-def positive(value, what):
-    assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{what}: {value!r}"
-    assert math.isfinite(value) and value > 0, f"{what} is {value!r}"
+from conftest import ok, positive, run
 
 
 def test_quick_benchmark_reports_every_figure(tmp_path, token_cache):

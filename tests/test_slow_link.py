@@ -1,17 +1,11 @@
 """benchmarks/slow_link.py --quick: two namespaces, a tbf-shaped veth, every figure reported.
 Speed is never asserted. Needs root; skips otherwise (fails under CI=true)."""
 import json
-import math
 
 import pytest
 
 import netns
-from conftest import ok, run
-
-
-def positive(value, what):
-    assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{what}: {value!r}"
-    assert math.isfinite(value) and value > 0, f"{what} is {value!r}"
+from conftest import ok, positive, run
 
 
 def test_quick_slow_link_benchmark_reports_every_figure(tmp_path, token_cache):
