@@ -1,6 +1,12 @@
-"""GPT-2, as in chapter 4 of *Build a Large Language Model (From Scratch)*, built from PyTorch's
-own fast parts: one fused q/k/v projection, `scaled_dot_product_attention` (flash kernels on CUDA),
-`nn.LayerNorm`, tanh-GELU and an output head tied to the token embedding, exactly as GPT-2 has it.
+"""The GPT of chapter 4 of *Build a Large Language Model (From Scratch)*, and GPT-2, in one class
+built from PyTorch's own fast parts (`scaled_dot_product_attention`, flash kernels on CUDA; the
+fused `layer_norm` kernel), with the book's names for every module and parameter.
+
+Two config keys choose between the two models; a config without them (like the book's own
+GPT_CONFIG_124M) builds the book's model:
+- "weight_tying": the output head reuses the token embedding, as GPT-2 does (the book: its own head);
+- "init": "gpt2" draws weights from N(0, 0.02), scaled by 1/sqrt(2 * n_layers) for the projections
+  that write into the residual stream, as GPT-2 does (the book: PyTorch's default initialisation).
 """
 import math
 import os
@@ -9,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The book's chapter-4 config: GPT-2 small without q/k/v bias (124,412,160 parameters, head tied).
+# The book's chapter-4 config: 163,009,536 parameters, with its own output head.
 GPT_CONFIG_124M = {
     "vocab_size": 50257,     # GPT-2's BPE vocabulary
     "context_length": 1024,  # longest sequence the position embedding covers
@@ -21,23 +27,38 @@ GPT_CONFIG_124M = {
 }
 
 
-def _gpt2(emb_dim, n_layers, n_heads):
-    return {"vocab_size": 50257, "context_length": 1024, "emb_dim": emb_dim, "n_heads": n_heads,
-            "n_layers": n_layers, "drop_rate": 0.1, "qkv_bias": True}
+def _gpt2(emb_dim, n_layers, n_heads, context_length=1024, drop_rate=0.1):
+    return {"vocab_size": 50257, "context_length": context_length, "emb_dim": emb_dim,
+            "n_heads": n_heads, "n_layers": n_layers, "drop_rate": drop_rate, "qkv_bias": True,
+            "weight_tying": True, "init": "gpt2"}
 
 
 GPT_CONFIGS = {
-    # GPT-2's own four sizes (OpenAI's checkpoints have q/k/v bias).
+    # The book's model (chapters 4 and 5): untied head, no q/k/v bias, PyTorch's initialisation.
+    "book-124m": dict(GPT_CONFIG_124M),
+    "book-mini": dict(GPT_CONFIG_124M, context_length=256, emb_dim=192, n_heads=6, n_layers=6),
+    # GPT-2's own four sizes (OpenAI's checkpoints load into these).
     "gpt2-small": _gpt2(768, 12, 12),     # 124,439,808 parameters
     "gpt2-medium": _gpt2(1024, 24, 16),   # 354,823,168
     "gpt2-large": _gpt2(1280, 36, 20),    # 774,030,080
     "gpt2-xl": _gpt2(1600, 48, 25),       # 1,557,611,200
-    # Small models for CPU runs and tests: same vocabulary, so the same tokenizer and data.
-    "gpt-mini": {"vocab_size": 50257, "context_length": 256, "emb_dim": 192, "n_heads": 6,
-                 "n_layers": 6, "drop_rate": 0.1, "qkv_bias": True},
-    "gpt-nano": {"vocab_size": 50257, "context_length": 128, "emb_dim": 48, "n_heads": 3,
-                 "n_layers": 3, "drop_rate": 0.0, "qkv_bias": True},
+    # Small GPT-2-style models for CPU runs and tests: same vocabulary, tokenizer and data.
+    "gpt-mini": _gpt2(192, 6, 6, context_length=256),
+    "gpt-nano": _gpt2(48, 3, 3, context_length=128, drop_rate=0.0),
 }
+
+
+class LayerNorm(nn.Module):
+    """The book's LayerNorm (a learned scale and shift), computed by PyTorch's fused kernel."""
+
+    def __init__(self, emb_dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
 
 
 class MultiHeadAttention(nn.Module):
@@ -45,14 +66,18 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         d, self.n_heads = cfg["emb_dim"], cfg["n_heads"]
         assert d % self.n_heads == 0, "emb_dim must be divisible by n_heads"
-        self.qkv = nn.Linear(d, 3 * d, bias=cfg["qkv_bias"])  # q, k and v in one matmul
+        self.W_query = nn.Linear(d, d, bias=cfg["qkv_bias"])
+        self.W_key = nn.Linear(d, d, bias=cfg["qkv_bias"])
+        self.W_value = nn.Linear(d, d, bias=cfg["qkv_bias"])
         self.out_proj = nn.Linear(d, d)
         self.dropout = cfg["drop_rate"]
 
     def forward(self, x):
         b, t, d = x.shape
-        # (b, t, 3d) -> three tensors of (b, heads, t, head_dim)
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        # (b, t, d) -> (b, heads, t, head_dim)
+        q, k, v = (w(x).view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        # the causal mask, scaling, softmax and dropout of chapter 3, in one kernel
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
@@ -62,19 +87,19 @@ class FeedForward(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg["emb_dim"]
-        self.fc = nn.Linear(d, 4 * d)
-        self.proj = nn.Linear(4 * d, d)
+        self.layers = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"),
+                                    nn.Linear(4 * d, d))
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.layers(x)
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg["emb_dim"])
+        self.norm1 = LayerNorm(cfg["emb_dim"])
         self.att = MultiHeadAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
         self.ff = FeedForward(cfg)
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
@@ -90,7 +115,7 @@ def padded_vocab_size(cfg):
 
 
 class GPTModel(nn.Module):
-    """GPT-2. `forward(idx[B, T]) -> logits[B, T, vocab_size]`.
+    """`forward(idx[B, T]) -> logits[B, T, vocab_size]`.
 
     Set `cfg["pad_vocab_multiple"] = 64` to give the embedding table and output matmul a width that
     GPU kernels like (50257 -> 50304); the extra rows are never returned, so they never win a sample.
@@ -99,20 +124,26 @@ class GPTModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = dict(cfg)
-        self.tok_emb = nn.Embedding(padded_vocab_size(cfg), cfg["emb_dim"])
+        init = cfg.get("init", "pytorch")
+        if init not in ("pytorch", "gpt2"):
+            raise ValueError(f'cfg["init"] is "pytorch" (the book) or "gpt2", not {init!r}')
+        vocab = padded_vocab_size(cfg)
+        self.tok_emb = nn.Embedding(vocab, cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
-        self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg["n_layers"]))
-        self.final_norm = nn.LayerNorm(cfg["emb_dim"])
-        self.out_head = nn.Linear(cfg["emb_dim"], padded_vocab_size(cfg), bias=False)
-        self.out_head.weight = self.tok_emb.weight  # weight tying, as GPT-2 does
-        self.apply(self._init_weights)
-        # GPT-2: scale the init of projections that write into the residual stream by 1/sqrt(2L),
-        # so the residual's variance does not grow with depth.
-        std = 0.02 / math.sqrt(2 * cfg["n_layers"])
-        for block in self.trf_blocks:
-            nn.init.normal_(block.att.out_proj.weight, mean=0.0, std=std)
-            nn.init.normal_(block.ff.proj.weight, mean=0.0, std=std)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], vocab, bias=False)
+        if cfg.get("weight_tying"):
+            self.out_head.weight = self.tok_emb.weight  # one matrix reads tokens in and out
+        if init == "gpt2":
+            self.apply(self._init_weights)
+            # scale the projections that write into the residual stream by 1/sqrt(2L), so the
+            # residual's variance does not grow with depth
+            std = 0.02 / math.sqrt(2 * cfg["n_layers"])
+            for block in self.trf_blocks:
+                nn.init.normal_(block.att.out_proj.weight, mean=0.0, std=std)
+                nn.init.normal_(block.ff.layers[2].weight, mean=0.0, std=std)
 
     @staticmethod
     def _init_weights(module):
@@ -128,8 +159,7 @@ class GPTModel(nn.Module):
                              f"({self.cfg['context_length']})")
         pos = torch.arange(t, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
-        for block in self.trf_blocks:
-            x = block(x)
+        x = self.trf_blocks(x)
         logits = self.out_head(self.final_norm(x))
         if logits.shape[-1] != self.cfg["vocab_size"]:
             logits = logits[..., :self.cfg["vocab_size"]]  # drop the padding rows
@@ -137,8 +167,12 @@ class GPTModel(nn.Module):
 
 
 def count_parameters(model, exclude_position_embedding=False):
-    """Parameters, each counted once (the tied head shares the token embedding)."""
+    """Parameters, each counted once (a tied head shares the token embedding), without the rows
+    that pad the vocabulary on GPUs."""
     n = sum(p.numel() for p in model.parameters())
+    pad_rows = model.tok_emb.weight.shape[0] - model.cfg["vocab_size"]
+    heads = 1 if model.out_head.weight is model.tok_emb.weight else 2
+    n -= heads * pad_rows * model.cfg["emb_dim"]
     if exclude_position_embedding:
         n -= model.pos_emb.weight.numel()
     return n
@@ -203,7 +237,7 @@ def hf_gpt2_config(path, state_dict=None):
             hf = json.load(f)
         return {"vocab_size": hf["vocab_size"], "context_length": hf["n_positions"],
                 "emb_dim": hf["n_embd"], "n_heads": hf["n_head"], "n_layers": hf["n_layer"],
-                "drop_rate": 0.0, "qkv_bias": True}
+                "drop_rate": 0.0, "qkv_bias": True, "weight_tying": True, "init": "gpt2"}
     sd = {k.removeprefix("transformer."): v for k, v in (state_dict or _read_hf_state_dict(path)).items()}
     vocab, d = sd["wte.weight"].shape
     if d % 64:
@@ -211,24 +245,33 @@ def hf_gpt2_config(path, state_dict=None):
                          f"number of heads (GPT-2's sizes use 64 dimensions per head)")
     n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
     return {"vocab_size": vocab, "context_length": sd["wpe.weight"].shape[0], "emb_dim": d,
-            "n_heads": d // 64, "n_layers": n_layers, "drop_rate": 0.0, "qkv_bias": True}
+            "n_heads": d // 64, "n_layers": n_layers, "drop_rate": 0.0, "qkv_bias": True,
+            "weight_tying": True, "init": "gpt2"}
 
 
 def load_hf_gpt2(model, path):
     """Copy GPT-2 weights stored in the Hugging Face layout into a GPTModel of the same shape.
-    HF's Conv1D keeps weights as (in, out), so they are transposed into nn.Linear's (out, in)."""
+    HF's Conv1D keeps weights as (in, out), so they are transposed into nn.Linear's (out, in), and
+    its one q/k/v projection (c_attn) is split into W_query, W_key and W_value."""
+    if not (model.cfg["qkv_bias"] and model.cfg.get("weight_tying")):
+        raise ValueError("GPT-2 checkpoints have q/k/v bias and a tied head: build the model with "
+                         "qkv_bias=True and weight_tying=True (a gpt2-* preset)")
     sd = {k.removeprefix("transformer."): v for k, v in _read_hf_state_dict(path).items()}
     ours = {"tok_emb.weight": sd["wte.weight"], "pos_emb.weight": sd["wpe.weight"],
-            "final_norm.weight": sd["ln_f.weight"], "final_norm.bias": sd["ln_f.bias"]}
-    names = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "att.qkv",
-             "attn.c_proj": "att.out_proj", "mlp.c_fc": "ff.fc", "mlp.c_proj": "ff.proj"}
+            "final_norm.scale": sd["ln_f.weight"], "final_norm.shift": sd["ln_f.bias"]}
+    linears = {"attn.c_proj": "att.out_proj", "mlp.c_fc": "ff.layers.0", "mlp.c_proj": "ff.layers.2"}
     for i in range(model.cfg["n_layers"]):
-        for hf_name, our_name in names.items():
-            w = sd[f"h.{i}.{hf_name}.weight"]
-            ours[f"trf_blocks.{i}.{our_name}.weight"] = w if hf_name.startswith("ln") else w.t()
-            ours[f"trf_blocks.{i}.{our_name}.bias"] = sd[f"h.{i}.{hf_name}.bias"]
-    if not model.cfg["qkv_bias"]:
-        raise ValueError("GPT-2 checkpoints have q/k/v bias: build the model with qkv_bias=True")
+        h, b = f"h.{i}.", f"trf_blocks.{i}."
+        for hf_name, our_name in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            ours[b + our_name + ".scale"] = sd[h + hf_name + ".weight"]
+            ours[b + our_name + ".shift"] = sd[h + hf_name + ".bias"]
+        for hf_name, our_name in linears.items():
+            ours[b + our_name + ".weight"] = sd[h + hf_name + ".weight"].t()
+            ours[b + our_name + ".bias"] = sd[h + hf_name + ".bias"]
+        weights = sd[h + "attn.c_attn.weight"].t().chunk(3, dim=0)
+        biases = sd[h + "attn.c_attn.bias"].chunk(3, dim=0)
+        for name, w, bias in zip(("W_query", "W_key", "W_value"), weights, biases):
+            ours[b + f"att.{name}.weight"], ours[b + f"att.{name}.bias"] = w, bias
     own = model.state_dict()
     with torch.no_grad():
         for name, tensor in ours.items():

@@ -61,6 +61,15 @@ class BookAttention(nn.Module):
         return self.out_proj(context)
 
 
+class BookFeedForward(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(d, 4 * d), BookGELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
 class BookBlock(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -68,7 +77,7 @@ class BookBlock(nn.Module):
         self.norm1 = BookLayerNorm(d)
         self.att = BookAttention(cfg)
         self.norm2 = BookLayerNorm(d)
-        self.ff = nn.Sequential(nn.Linear(d, 4 * d), BookGELU(), nn.Linear(4 * d, d))
+        self.ff = BookFeedForward(d)
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
     def forward(self, x):

@@ -11,13 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `pytest` works as well as `python -m pytest`
     sys.path.insert(0, str(ROOT))
 
-from gpt_model import (GPT_CONFIG_124M, GPT_CONFIGS, GPTModel, MultiHeadAttention,  # noqa: E402
-                       count_parameters, generate, generate_text_simple, hf_gpt2_config,
+from gpt_model import (GPT_CONFIG_124M, GPT_CONFIGS, GPTModel, LayerNorm,  # noqa: E402
+                       MultiHeadAttention, count_parameters, generate, generate_text_simple, hf_gpt2_config,
                        load_hf_gpt2)
 
 VOCAB = 50257
+# a tiny GPT-2 (tied head, GPT-2 init)
 TINY = {"vocab_size": VOCAB, "context_length": 32, "emb_dim": 48, "n_heads": 3, "n_layers": 2,
-        "drop_rate": 0.0, "qkv_bias": True}
+        "drop_rate": 0.0, "qkv_bias": True, "weight_tying": True, "init": "gpt2"}
 
 
 def tiny_model(seed=0, **overrides):
@@ -50,12 +51,16 @@ def test_parameter_counts_of_gpt2_sizes(name, expected):
     assert count_parameters(model, exclude_position_embedding=True) == no_pos
 
 
-def test_parameter_count_of_book_config():
-    """The book's chapter-4 config has no q/k/v bias: 124,412,160 with the head counted once."""
+@pytest.mark.parametrize("pad", [None, 64])
+def test_parameter_count_of_book_config(pad):
+    """The book's chapter-4 GPTModel(GPT_CONFIG_124M): no q/k/v bias and an output head of its own,
+    163,009,536 parameters as the book counts them; the GPU's vocabulary padding is not counted."""
     with torch.device("meta"):
-        model = GPTModel(GPT_CONFIG_124M)
-    assert model.trf_blocks[0].att.qkv.bias is None
-    assert count_parameters(model) == 124_412_160
+        model = GPTModel({**GPT_CONFIG_124M, "pad_vocab_multiple": pad})
+    assert model.trf_blocks[0].att.W_query.bias is None
+    assert model.out_head.weight is not model.tok_emb.weight
+    assert count_parameters(model) == 163_009_536
+    assert GPT_CONFIGS["book-124m"] == GPT_CONFIG_124M
 
 
 def test_output_head_is_tied_to_token_embedding():
@@ -129,14 +134,14 @@ def test_causality():
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
 def test_attention_matches_plain_masked_softmax(qkv_bias):
-    """MultiHeadAttention (fused qkv + scaled_dot_product_attention) against the book's explicit
+    """MultiHeadAttention (scaled_dot_product_attention) against the book's explicit
     q @ k^T / sqrt(d_head), -inf above the diagonal, softmax, @ v. A wrong head split, a q/k/v
     mix-up or a missing scale or mask fails this."""
     torch.manual_seed(0)
     cfg = {**TINY, "qkv_bias": qkv_bias}
     att = MultiHeadAttention(cfg).eval()
     with torch.no_grad():  # make sure the biases are not zero
-        for lin in (att.qkv, att.out_proj):
+        for lin in (att.W_query, att.W_key, att.W_value, att.out_proj):
             if lin.bias is not None:
                 lin.bias.normal_(0, 0.5)
     b, t, d, h = 2, 7, cfg["emb_dim"], cfg["n_heads"]
@@ -147,8 +152,8 @@ def test_attention_matches_plain_masked_softmax(qkv_bias):
         return z.view(b, t, h, hd).transpose(1, 2)
 
     with torch.no_grad():
-        qkv = x @ att.qkv.weight.T + (att.qkv.bias if qkv_bias else 0)
-        q, k, v = (heads(z) for z in qkv.split(d, dim=-1))
+        q, k, v = (heads(x @ lin.weight.T + (lin.bias if qkv_bias else 0))
+                   for lin in (att.W_query, att.W_key, att.W_value))
         scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
         mask = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
         weights = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
@@ -168,35 +173,100 @@ def test_init_statistics():
     n_layers = 8
     torch.manual_seed(0)
     model = GPTModel({"vocab_size": 1000, "context_length": 64, "emb_dim": 256, "n_heads": 4,
-                      "n_layers": n_layers, "drop_rate": 0.0, "qkv_bias": True})
+                      "n_layers": n_layers, "drop_rate": 0.0, "qkv_bias": True,
+                      "weight_tying": True, "init": "gpt2"})
     blocks = model.trf_blocks
-    plain = torch.cat([w.flatten() for blk in blocks for w in (blk.att.qkv.weight, blk.ff.fc.weight)])
+    plain = torch.cat([w.flatten() for blk in blocks
+                       for w in (blk.att.W_query.weight, blk.att.W_value.weight,
+                                 blk.ff.layers[0].weight)])
     resid = torch.cat([w.flatten() for blk in blocks for w in (blk.att.out_proj.weight,
-                                                                 blk.ff.proj.weight)])
+                                                                 blk.ff.layers[2].weight)])
     resid_std = 0.02 / math.sqrt(2 * n_layers)  # 0.005
     assert plain.std().item() == pytest.approx(0.02, rel=0.02)
     assert abs(plain.mean().item()) < 1e-4
     assert resid.std().item() == pytest.approx(resid_std, rel=0.02)
     for blk in blocks:  # every single projection, not just the pooled estimate
         assert blk.att.out_proj.weight.std().item() == pytest.approx(resid_std, rel=0.05)
-        assert blk.ff.proj.weight.std().item() == pytest.approx(resid_std, rel=0.05)
-        assert blk.ff.fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert blk.ff.layers[2].weight.std().item() == pytest.approx(resid_std, rel=0.05)
+        assert blk.ff.layers[0].weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert blk.att.W_key.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.02)
     assert model.pos_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
     biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
-    assert len(biases) == 4 * n_layers
+    assert len(biases) == 6 * n_layers  # q, k, v, out_proj and the two feed-forward layers
     assert all(torch.count_nonzero(bias) == 0 for bias in biases)
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    norms = [m for m in model.modules() if isinstance(m, LayerNorm)]
     assert len(norms) == 2 * n_layers + 1
-    assert all(torch.all(n.weight == 1) and torch.all(n.bias == 0) for n in norms)
+    assert all(torch.all(n.scale == 1) and torch.all(n.shift == 0) for n in norms)
+
+
+def _book_model():
+    """benchmarks/book_model.py: the model as chapters 3 and 4 write it, module by module."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from book_model import BookGPTModel
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return BookGPTModel
+
+
+def test_book_config_builds_the_books_model():
+    """GPTModel(GPT_CONFIG_124M) has the book's parameter names and shapes, and with the same seed
+    the very same initial weights (PyTorch's default init, drawn in the book's order), so the
+    book's saved state dict loads into it and gives its logits."""
+    BookGPTModel = _book_model()
+    with torch.device("meta"):  # the full 124M size: names and shapes
+        ours, book = GPTModel(GPT_CONFIG_124M), BookGPTModel(GPT_CONFIG_124M)
+    assert ([(n, p.shape) for n, p in ours.named_parameters()]
+            == [(n, p.shape) for n, p in book.named_parameters()])
+
+    cfg = {**GPT_CONFIG_124M, "emb_dim": 96, "n_heads": 4, "n_layers": 3, "context_length": 64}
+    torch.manual_seed(123)
+    ours = GPTModel(cfg).eval()
+    torch.manual_seed(123)
+    book = BookGPTModel(cfg).eval()
+    for (name, p), q in zip(ours.named_parameters(), book.parameters()):
+        assert torch.equal(p, q), name
+    # the statistics of PyTorch's default init, which GPT-2's N(0, 0.02) would fail
+    assert ours.tok_emb.weight.std().item() == pytest.approx(1.0, rel=0.01)
+    assert ours.pos_emb.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    bound = 1 / math.sqrt(96)  # nn.Linear: U(-1/sqrt(in), 1/sqrt(in))
+    for lin in (ours.trf_blocks[0].att.W_query, ours.trf_blocks[2].ff.layers[0], ours.out_head):
+        assert lin.weight.abs().max().item() <= bound * (1 + 1e-6)
+        assert lin.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert ours.out_head.weight is not ours.tok_emb.weight
+    assert torch.all(ours.final_norm.scale == 1) and torch.all(ours.final_norm.shift == 0)
+
+    # the book saves `model.state_dict()` (its attention masks are buffers we do not need)
+    saved = {k: v for k, v in book.state_dict().items() if not k.endswith(".mask")}
+    ours.load_state_dict(saved)
+    idx = random_ids(2, 20, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), book(idx), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in GPT_CONFIGS if n.startswith("gpt")])
+def test_gpt2_presets_stay_gpt2(name):
+    """Every gpt* preset is GPT-2: tied head, GPT-2 init, q/k/v bias (Hugging Face weights load)."""
+    cfg = GPT_CONFIGS[name]
+    assert cfg["weight_tying"] and cfg["init"] == "gpt2" and cfg["qkv_bias"]
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    assert model.out_head.weight is model.tok_emb.weight
+
+
+def test_unknown_init_is_refused():
+    with pytest.raises(ValueError, match="pytorch"):
+        GPTModel({**TINY, "init": "xavier"})
 
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face GPT-2 checkpoints
 
 HF_EXPECTED_CFG = {"vocab_size": VOCAB, "context_length": 64, "emb_dim": 48, "n_heads": 3,
-                   "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}
+                   "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True, "weight_tying": True,
+                   "init": "gpt2"}
 
 
 @pytest.fixture(scope="module")
@@ -398,8 +468,8 @@ def constant_model(token):
     model = tiny_model()
     with torch.no_grad():
         b = torch.randn(TINY["emb_dim"])
-        model.final_norm.weight.zero_()
-        model.final_norm.bias.copy_(b)
+        model.final_norm.scale.zero_()
+        model.final_norm.shift.copy_(b)
         model.tok_emb.weight[token] = 10 * b
     return model
 
