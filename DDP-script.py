@@ -113,7 +113,8 @@ def configure_optimizer(raw_model, plan):
 
 
 def lr_factor(step, plan):
-    """Linear warm-up to lr, then cosine decay to min_lr at the last step (a LambdaLR factor)."""
+    """Linear warm-up to lr, then cosine decay to min_lr at the last step (a LambdaLR factor).
+    By default neither: the learning rate stays constant, as in the book's chapter 5."""
     if step < plan.warmup_steps:
         return (step + 1) / plan.warmup_steps
     progress = (step - plan.warmup_steps) / max(1, plan.total_steps - plan.warmup_steps)

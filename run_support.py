@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data import DataError
-from gpt_model import GPT_CONFIGS, hf_gpt2_config
+from gpt_model import GPT_CONFIGS, GPTModel, hf_gpt2_config
 
 
 class UsageError(Exception):
@@ -57,6 +57,20 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+# What the flags leave open. A bare `python DDP-script.py` trains DEFAULT_MODEL; each model trains
+# with its recipe. The book's chapter 5 (context 256, AdamW at a constant 4e-4, 10 epochs) for
+# every model but gpt-mini, the CPU default, which learns the text visibly in about 80 s on 2 cores:
+# 20 epochs at 1e-3, warmed up over 10% of the steps, then decayed to 1e-4 (appendix D's schedule).
+DEFAULT_MODEL = {"cuda": "book-124m", "cpu": "gpt-mini"}
+BOOK_RECIPE = {"context_length": 256, "lr": 4e-4, "epochs": 10, "warmup": 0.0, "min_lr": None}
+RECIPES = {"gpt-mini": {"context_length": 128, "lr": 1e-3, "epochs": 20, "warmup": 0.1,
+                        "min_lr": 1e-4}}
+
+
+def recipe(model):
+    return RECIPES.get(model, BOOK_RECIPE)
+
+
 def argument_parser(doc):
     """The flags both scripts take; each script adds its own launch flags to the "processes"
     group (`parser.processes`)."""
@@ -70,7 +84,8 @@ def argument_parser(doc):
                    help="seconds to wait for the other processes at setup and in a collective")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(GPT_CONFIGS), default=None,
-                   help="preset (default: gpt2-small on GPUs, gpt-mini on the CPU)")
+                   help=f"preset (default: {DEFAULT_MODEL['cuda']} on GPUs, "
+                        f"{DEFAULT_MODEL['cpu']} on the CPU)")
     g.add_argument("--init-from", default=None, metavar="PATH",
                    help="start from GPT-2 weights in the Hugging Face layout (a folder with "
                         "model.safetensors or pytorch_model.bin, and config.json)")
@@ -83,20 +98,25 @@ def argument_parser(doc):
                    help="folder for token files (default: $GPT_DDP_CACHE or ~/.cache/gpt-ddp)")
     g.add_argument("--val-ratio", type=float, default=0.1, help="share of tokens for validation")
     g.add_argument("--context-length", type=int, default=None,
-                   help="tokens per training sequence, at most the model's (default: 256 on GPUs, "
-                        "128 on the CPU)")
+                   help="tokens per training sequence, at most the model's (default: 256, "
+                        "128 for gpt-mini)")
     g.add_argument("--batch-size", type=int, default=2, help="sequences per process per micro-batch")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=10, help="passes over the training split")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="passes over the training split (default: 10, 20 for gpt-mini)")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps (the LR schedule ends there too)")
     g.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step; all but the last skip the all-reduce")
-    g.add_argument("--lr", type=float, default=4e-4, help="peak learning rate")
-    g.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: lr/10)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 4e-4, the book's; 1e-3 for gpt-mini)")
     g.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear warm-up steps before the cosine decay (default: 10%% of the steps)")
+                   help="linear warm-up from 0 to --lr over this many steps (default: none; "
+                        "10%% of the steps for gpt-mini)")
+    g.add_argument("--min-lr", type=float, default=None,
+                   help="cosine decay from --lr to this at the last step (default: none, a "
+                        "constant learning rate as in the book's chapter 5; 1e-4 for gpt-mini)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW, 2-D weights only")
     g.add_argument("--max-norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
@@ -125,7 +145,7 @@ def argument_parser(doc):
 
 @dataclasses.dataclass
 class Plan:
-    """The run's settings: the flags as given (read through: `plan.lr` is `args.lr`) and what the
+    """The run's settings: the flags as given (read through: `plan.seed` is `args.seed`) and what the
     run derived from them and from the data, which takes their place (`plan.device` is "cpu" or
     "cuda", never "auto")."""
     args: argparse.Namespace
@@ -140,6 +160,8 @@ class Plan:
     context_length: int
     resume: bool
     ckpt_path: str
+    lr: float = 0.0  # the flag, or the device's default
+    epochs: int = 0
     steps_per_epoch: int = 0  # set by plan_data
     total_steps: int = 0
     warmup_steps: int = 0
@@ -167,14 +189,18 @@ def plan_run(args, launcher):
     """Checks the command line and decides device, backend, world size, precision and model.
     Raises UsageError or DataError with a one-line message; creates nothing."""
     for name in ("batch_size", "grad_accum", "epochs", "log_every", "eval_every", "sample_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max-steps must be at least 1, not {args.max_steps}")
     if not 0.0 < args.val_ratio < 1.0:
         raise UsageError(f"--val-ratio must be between 0 and 1, not {args.val_ratio}")
-    if args.lr <= 0 or args.max_norm < 0 or args.weight_decay < 0 or args.timeout <= 0:
+    if (args.lr is not None and args.lr <= 0) or args.max_norm < 0 or args.weight_decay < 0 \
+            or args.timeout <= 0:
         raise UsageError("--lr and --timeout must be positive, --max-norm and --weight-decay >= 0")
+    if (args.warmup_steps is not None and args.warmup_steps < 0) or \
+            (args.min_lr is not None and args.min_lr < 0):
+        raise UsageError("--warmup-steps and --min-lr must be >= 0")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), not {args.dropout}")
 
@@ -225,6 +251,7 @@ def plan_run(args, launcher):
     model = args.model
     if ckpt is not None:
         model_config = ckpt["config"]
+        check_weights_fit(ckpt, ckpt_path)
         model = ckpt["args"]["model"] if model is None else model
         if model != ckpt["args"]["model"]:
             raise UsageError(f"{ckpt_path} holds a {ckpt['args']['model']} model, not "
@@ -239,7 +266,7 @@ def plan_run(args, launcher):
             raise UsageError(f"--init-from {args.init_from}: cannot read GPT-2 weights ({e})")
         model = "hf:" + os.path.basename(os.path.normpath(args.init_from))
     else:
-        model = model or ("gpt2-small" if device == "cuda" else "gpt-mini")
+        model = model or DEFAULT_MODEL[device]
         model_config = dict(GPT_CONFIGS[model])
         if device == "cuda":
             model_config["pad_vocab_multiple"] = 64  # 50304 rows: faster GPU matmuls
@@ -248,12 +275,15 @@ def plan_run(args, launcher):
     max_context = model_config["context_length"]
     context_length = args.context_length
     if context_length is None:
-        context_length = min(max_context, 256 if device == "cuda" else 128)
+        context_length = min(max_context, recipe(model)["context_length"])
     if not 1 <= context_length <= max_context:
         raise UsageError(f"--context-length {context_length} is outside 1..{max_context}, "
                          f"the context of {model}: lower --context-length")
-    return Plan(args, launcher, device, backend, world_size, amp, args.amp == "auto", model,
+    plan = Plan(args, launcher, device, backend, world_size, amp, args.amp == "auto", model,
                 model_config, context_length, resume, ckpt_path)
+    plan.lr = recipe(model)["lr"] if args.lr is None else args.lr
+    plan.epochs = recipe(model)["epochs"] if args.epochs is None else args.epochs
+    return plan
 
 
 def plan_data(plan, build_loaders):
@@ -267,8 +297,11 @@ def plan_data(plan, build_loaders):
     plan.total_steps = plan.epochs * plan.steps_per_epoch
     if plan.max_steps is not None:
         plan.total_steps = min(plan.total_steps, plan.max_steps)
-    plan.warmup_steps = plan.total_steps // 10 if plan.args.warmup_steps is None else plan.args.warmup_steps
-    plan.min_lr = plan.lr / 10 if plan.args.min_lr is None else plan.args.min_lr
+    r = recipe(plan.model)
+    plan.warmup_steps = (int(r["warmup"] * plan.total_steps) if plan.args.warmup_steps is None
+                         else plan.args.warmup_steps)
+    min_lr = r["min_lr"] if plan.args.min_lr is None else plan.args.min_lr
+    plan.min_lr = plan.lr if min_lr is None else min_lr
 
 
 def plan_data_per_node(local_rank, plan, build_loaders, device):
@@ -335,6 +368,18 @@ def check_checkpoint(ckpt_path, out, resume):
                          f"restore a good copy or start a fresh run with another --out")
 
 
+def check_weights_fit(ckpt, ckpt_path):
+    """A checkpoint whose weights this gpt_model.py would not load (other names or shapes, as
+    written by an older version of it) is refused before any process starts."""
+    with torch.device("meta"):
+        expected = GPTModel(ckpt["config"]).state_dict()
+    saved = ckpt["model"]
+    if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in saved):
+        raise UsageError(f"{ckpt_path} holds weights this gpt_model.py cannot load (other parameter "
+                         f"names or shapes, e.g. from an older version of it): resume with the "
+                         f"version that wrote it, or start a fresh run with another --out")
+
+
 def restarted_by_torchrun(ckpt_path):
     """Under `torchrun --max-restarts=R` a failed worker makes torchrun restart every worker.
     TORCHELASTIC_RESTART_COUNT > 0 says so; a node whose own workers were healthy may still see 0,
@@ -380,7 +425,9 @@ def print_plan(plan, n_params):
         f" process(es) x {plan.grad_accum} accumulation = {seqs} sequences,"
         f" {seqs * plan.context_length:,} tokens per step",
         f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all; lr {plan.lr:g}"
-        f" ({plan.warmup_steps} warm-up steps, cosine to {plan.min_lr:g}), clip {plan.max_norm:g}",
+        + (f", {plan.warmup_steps} warm-up steps" if plan.warmup_steps else "")
+        + (f", cosine to {plan.min_lr:g}" if plan.min_lr != plan.lr else " constant")
+        + (f", clip {plan.max_norm:g}" if plan.max_norm else ", no clipping"),
         f"writing to {plan.out}",
     ]
     print("\n".join("plan: " + l for l in lines), flush=True)

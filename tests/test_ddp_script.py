@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import (RESUME, SPLITS, TINY, finish, free_port, load_weights, metrics, ok, run,
+from conftest import (RESUME, ROOT, SPLITS, TINY, finish, free_port, load_weights, metrics, ok, run,
                       script_env, start)
 from gpt_model import GPT_CONFIGS, GPTModel
 
@@ -252,3 +252,41 @@ def test_checkpoint_keeps_tied_weights_as_one_tensor():
     assert all(type(t) is torch.Tensor for t in state.values())
     assert all(torch.equal(t, model.state_dict()[k].as_subclass(torch.Tensor))
                for k, t in state.items())
+
+
+@pytest.fixture(scope="module")
+def script_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ddp_script", ROOT / "DDP-script.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def planned(script_module, argv, out):
+    import run_support as rs
+    plan = rs.plan_run(script_module.parse_args(argv + ["--out", str(out)]), launcher="test")
+    rs.plan_data(plan, script_module.build_loaders)
+    return plan
+
+
+def test_defaults_follow_the_model(script_module, token_cache, tmp_path, monkeypatch):
+    """A bare run on the CPU trains gpt-mini with its quick recipe (warm-up, cosine decay); the
+    book's model trains as in the book's chapter 5 (context 256, a constant 4e-4, 10 epochs)
+    on any device; flags win over both."""
+    monkeypatch.setenv("GPT_DDP_CACHE", str(token_cache))
+    cpu = planned(script_module, ["--device", "cpu"], tmp_path / "a")
+    assert (cpu.model, cpu.context_length, cpu.lr, cpu.epochs) == ("gpt-mini", 128, 1e-3, 20)
+    assert cpu.world_size == 2 and cpu.steps_per_epoch == 9 and cpu.total_steps == 180
+    assert (cpu.warmup_steps, cpu.min_lr) == (18, 1e-4)
+
+    book = planned(script_module, ["--model", "book-124m", "--nprocs", "1"], tmp_path / "b")
+    assert (book.context_length, book.lr, book.epochs) == (256, 4e-4, 10)
+    assert (book.warmup_steps, book.min_lr) == (0, 4e-4)  # constant
+    assert book.steps_per_epoch == 9 and book.batch_size == 2
+    assert not book.model_config.get("weight_tying") and book.model_config.get("init") is None
+
+    mine = planned(script_module, ["--model", "gpt-mini", "--lr", "5e-4", "--epochs", "3",
+                                   "--min-lr", "5e-4", "--warmup-steps", "0"], tmp_path / "c")
+    assert (mine.lr, mine.epochs, mine.warmup_steps, mine.min_lr) == (5e-4, 3, 0, 5e-4)
+    assert mine.as_dict()["lr"] == 5e-4  # what ckpt["args"] records

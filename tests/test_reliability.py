@@ -76,6 +76,21 @@ def test_resume_from_truncated_checkpoint(guarded, token_cache):
     ckpt.write_bytes(good)  # for the fixture's check
 
 
+def test_resume_from_checkpoint_of_an_older_layout(guarded, token_cache):
+    """A checkpoint written before the model took the book's parameter names (norm.weight/bias,
+    not scale/shift) is refused in one line, before any process starts."""
+    ckpt = guarded / "ckpt.pt"
+    good = ckpt.read_bytes()
+    state = torch.load(ckpt, weights_only=True)
+    state["model"] = {k.replace(".scale", ".weight").replace(".shift", ".bias"): v
+                      for k, v in state["model"].items()}
+    torch.save(state, ckpt)
+    t0 = time.time()
+    failed(run(SHORT + ["--out", guarded, "--resume"], token_cache, timeout=60),
+           "holds weights this gpt_model.py cannot load", 30, t0)
+    ckpt.write_bytes(good)  # for the fixture's check
+
+
 def test_a_node_that_never_arrives_under_script_timeout(tmp_path, token_cache):
     """RANK 0 of a 2-process job whose rank 1 never starts: --timeout bounds the wait."""
     t0 = time.time()
