@@ -152,7 +152,9 @@ class GPTModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx):
+    def forward(self, idx, last_only=False):
+        """last_only: logits of the last position alone, all that generation needs (the output
+        head is most of a small model's compute)."""
         t = idx.shape[1]
         if t > self.cfg["context_length"]:
             raise ValueError(f"sequence of {t} tokens is longer than the model's context "
@@ -160,6 +162,8 @@ class GPTModel(nn.Module):
         pos = torch.arange(t, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
         x = self.trf_blocks(x)
+        if last_only:
+            x = x[:, -1:, :]
         logits = self.out_head(self.final_norm(x))
         if logits.shape[-1] != self.cfg["vocab_size"]:
             logits = logits[..., :self.cfg["vocab_size"]]  # drop the padding rows
@@ -185,7 +189,7 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
     likely tokens before sampling; eos_id stops once every row has produced it."""
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -context_size:])[:, -1, :].float()
+        logits = model(idx[:, -context_size:], last_only=True)[:, -1, :].float()
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -59,7 +59,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # What the flags leave open. A bare `python DDP-script.py` trains DEFAULT_MODEL; each model trains
 # with its recipe. The book's chapter 5 (context 256, AdamW at a constant 4e-4, 10 epochs) for
-# every model but gpt-mini, the CPU default, which learns the text visibly in about 80 s on 2 cores:
+# every model but gpt-mini, the CPU default, which learns the text visibly in about 90 s on 2 cores:
 # 20 epochs at 1e-3, warmed up over 10% of the steps, then decayed to 1e-4 (appendix D's schedule).
 DEFAULT_MODEL = {"cuda": "book-124m", "cpu": "gpt-mini"}
 BOOK_RECIPE = {"context_length": 256, "lr": 4e-4, "epochs": 10, "warmup": 0.0, "min_lr": None}
