@@ -370,7 +370,8 @@ class OursStep:
         torch.manual_seed(0)
         self.raw = GPTModel(spec["model_config"]).to(device)
         self.model = torch.compile(self.raw) if compile_model else self.raw
-        self.optimizer = script.configure_optimizer(self.raw, script.parse_args([]))
+        # the flags as parsed, with the book's learning rate (its default depends on the model)
+        self.optimizer = script.configure_optimizer(self.raw, script.parse_args(["--lr", "4e-4"]))
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["amp"])
         self.script, self.device, self.tf32 = script, device, spec["tf32"]
         self.model.train()
