@@ -160,7 +160,7 @@ class Plan:
     context_length: int
     resume: bool
     ckpt_path: str
-    lr: float = 0.0  # the flag, or the device's default
+    lr: float = 0.0  # the flag, or the model's recipe
     epochs: int = 0
     steps_per_epoch: int = 0  # set by plan_data
     total_steps: int = 0
@@ -273,16 +273,17 @@ def plan_run(args, launcher):
     if args.dropout is not None:
         model_config["drop_rate"] = args.dropout
     max_context = model_config["context_length"]
+    r = recipe(model)
     context_length = args.context_length
     if context_length is None:
-        context_length = min(max_context, recipe(model)["context_length"])
+        context_length = min(max_context, r["context_length"])
     if not 1 <= context_length <= max_context:
         raise UsageError(f"--context-length {context_length} is outside 1..{max_context}, "
                          f"the context of {model}: lower --context-length")
     plan = Plan(args, launcher, device, backend, world_size, amp, args.amp == "auto", model,
                 model_config, context_length, resume, ckpt_path)
-    plan.lr = recipe(model)["lr"] if args.lr is None else args.lr
-    plan.epochs = recipe(model)["epochs"] if args.epochs is None else args.epochs
+    plan.lr = r["lr"] if args.lr is None else args.lr
+    plan.epochs = r["epochs"] if args.epochs is None else args.epochs
     return plan
 
 

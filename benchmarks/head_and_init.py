@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from data import create_dataloader, prepare_tokens, split_tokens  # noqa: E402
 from gpt_model import GPT_CONFIG_124M, GPTModel, count_parameters  # noqa: E402
 
-# name: (weight_tying, init, qkv_bias, GPT-2's residual scaling), qkv_bias and scaling as they
-# follow from the init unless the row changes them
+# name: the head and init; q/k/v bias off (the book's) unless a row turns it on, GPT-2's residual
+# scaling as the init has it unless resid_scale=False, the token embedding's std set by emb_std
 ROWS = {
     "book": dict(weight_tying=False, init="pytorch"),              # the book's chapter-4 model
     "untied+gpt2init": dict(weight_tying=False, init="gpt2"),
