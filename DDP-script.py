@@ -247,6 +247,7 @@ if __name__ == "__main__":
         main(int(os.environ["RANK"]), plan.world_size, plan,
              int(os.environ.get("LOCAL_RANK", args.local_rank or 0)))
     else:
+        rs.ignore_stop_signals()  # until the workers set handlers: a Ctrl-C now reaches them later
         # NEW: start world_size processes; each runs main(rank, world_size, plan)
         workers = mp.spawn(main, args=(plan.world_size, plan), nprocs=plan.world_size, join=False)
         sys.exit(rs.supervise(workers))  # pass on Ctrl-C / SIGTERM; stop all if one fails

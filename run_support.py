@@ -332,6 +332,10 @@ def usage_errors():
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C while the flags are checked or the text is tokenized
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print("stopped by SIGINT before training began; nothing was saved", flush=True)
+        sys.exit(128 + signal.SIGINT)
 
 
 def cpu_has_bf16():
@@ -462,7 +466,10 @@ def keep_freed_memory():
 @contextlib.contextmanager
 def setup_errors(rank, world_size, timeout):
     """A process (or a node) that never came, a wrong address or network interface: one line,
-    not a traceback. (Gloo reports its connection failures as plain RuntimeErrors.)"""
+    not a traceback. (Gloo reports its connection failures as plain RuntimeErrors.) A stop signal
+    waits until the group is formed: arriving mid-connect, it makes the store client retry with a
+    warning and a C++ stack dump; the training loop sees it after the first step."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     except (dist.DistError, RuntimeError) as e:
@@ -477,6 +484,8 @@ def setup_errors(rank, world_size, timeout):
             f"rank {rank} of {world_size} could not form the process group within --timeout "
             f"{timeout:g}s via {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} "
             f"({text.splitlines()[0] if text else type(e).__name__}): {fix}") from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def restart_safe_store(rank, world_size, timeout):
@@ -522,10 +531,33 @@ def restart_safe_store(rank, world_size, timeout):
 # Stop signals, errors and exit codes
 
 STOP = {"signal": 0, "agreed": 0}  # set by SIGINT/SIGTERM; the ranks agree on it after every step
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def request_stop(signum, frame):
     STOP["signal"] = signum
+
+
+def ignore_stop_signals():
+    """Ignore SIGINT and SIGTERM here and in the processes started next, which inherit "ignored"
+    (a handler does not survive their exec): a Ctrl-C while the workers still import torch then
+    cannot end them with KeyboardInterrupt tracebacks. The workers set their handlers in
+    `one_process`; this process sets its own in `supervise`, which passes a stop on again to a
+    worker that was still ignoring it. Only where /proc tells whether a worker still ignores it
+    (Linux); elsewhere the workers start with Python's default handlers."""
+    if os.path.exists(f"/proc/{os.getpid()}/status"):
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def ignores(pid, signum):
+    """Whether process pid ignores signum (from Linux's /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(line for line in f if line.startswith("SigIgn:")).split()[1]
+    except (OSError, StopIteration):
+        return False
+    return bool(int(mask, 16) >> (signum - 1) & 1)
 
 
 @contextlib.contextmanager
@@ -535,8 +567,8 @@ def one_process(rank, local_rank):
     error becomes one `error:` line and an exit code: 2 bad input, 3 training diverged, 1 another
     rank was lost. After an error the process group is aborted, not destroyed: a peer may be gone
     with collectives still queued, which a plain destroy would wait for (with NCCL, forever)."""
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, request_stop)
     code = 0
     try:
         yield
@@ -590,24 +622,37 @@ def lost_a_peer(error):
 def supervise(context):
     """Wait for mp.spawn's workers; pass a stop signal on to them; if one fails, stop the rest
     within seconds. Returns the exit code for the whole job."""
-    stop = []
+    stop, deaf = [], set()  # the stop signal; workers that ignored it while they were starting
 
     def forward(signum, frame):  # a scheduler may signal only this process: pass it on
         stop.append(signum)
         for p in context.processes:
             if p.is_alive():
+                if ignores(p.pid, signum):
+                    deaf.add(p)
                 os.kill(p.pid, signum)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, forward)
     try:
-        while not context.join(grace_period=5):
-            pass
-    except mp.ProcessExitedException as e:  # the worker printed its own one-line error
-        if stop and e.exit_code == -stop[0]:  # it was still starting: the signal's default ended it
-            print(f"stopped by {signal.Signals(stop[0]).name} before training began; nothing was "
-                  f"saved", flush=True)
-            return 128 + stop[0]
-        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+        while not context.join(timeout=0.5, grace_period=5):
+            for p in [p for p in deaf if not ignores(p.pid, stop[-1])]:  # listening now
+                deaf.discard(p)
+                if p.is_alive():
+                    os.kill(p.pid, stop[-1])
+    except mp.ProcessExitedException as e:
+        if stop and e.exit_code == -stop[-1]:  # where workers start with default handlers
+            print(f"stopped by {signal.Signals(stop[-1]).name} before training began; nothing "
+                  f"was saved", flush=True)
+            return 128 + stop[-1]
+        if e.exit_code < 0:  # no chance to say why: SIGKILL is most often the out-of-memory killer
+            hint = ("; unless someone killed it, the kernel's out-of-memory killer did (dmesg "
+                    "tells): try a smaller --batch-size or --model, or fewer --nprocs"
+                    if e.exit_code == -signal.SIGKILL
+                    else "")
+            print(f"error: rank {e.error_index} was killed by {e.signal_name}{hint}",
+                  file=sys.stderr, flush=True)
+            return 1
+        return e.exit_code  # the worker printed its own one-line error
     except mp.ProcessRaisedException as e:  # an unexpected error: show the worker's traceback
         print(f"error: rank {e.error_index} failed:\n{e}", file=sys.stderr)
         return 1

@@ -162,7 +162,8 @@ def test_crash_while_writing_a_checkpoint(tmp_path, token_cache):
     """The writer dies halfway through its second snapshot: the first one is still whole."""
     flags = SHORT + ["--max-steps", "8", "--save-every", "2", "--out", tmp_path]
     crashed = run(flags, token_cache, timeout=90, PYTHONPATH=FAULTS, GPT_DDP_FAULT="kill-in-save:2")
-    assert crashed.returncode != 0 and not crashed.leftovers
+    assert crashed.returncode == 1 and not crashed.leftovers
+    assert "error: rank 0 was killed by SIGKILL; unless someone killed it" in crashed.stderr
     assert (tmp_path / "ckpt.pt.tmp").exists()  # the half-written file
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
     resumed = ok(run(flags + ["--resume"], token_cache))
@@ -191,3 +192,14 @@ def test_network_interface_that_does_not_exist(tmp_path, token_cache):
                  GLOO_SOCKET_IFNAME="nosuch0")
     failed(result, "Unable to find address for: nosuch0): set GLOO_SOCKET_IFNAME", 30, t0)
     assert result.returncode == 2 and not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_before_the_workers_start(capsys):
+    """Ctrl-C while the flags are checked or the text is tokenized (in the parent, before any
+    worker exists): one line and exit 130, not a KeyboardInterrupt traceback."""
+    import run_support as rs
+    with pytest.raises(SystemExit) as stopped:
+        with rs.usage_errors():
+            raise KeyboardInterrupt
+    assert stopped.value.code == 130
+    assert capsys.readouterr().out == "stopped by SIGINT before training began; nothing was saved\n"
