@@ -1,7 +1,8 @@
 """Stops, repeated: Ctrl-C (SIGINT to the whole process group) and a scheduler's SIGTERM, under
-mp.spawn and under torchrun. Every stop must end cleanly: the agreed step saved and loadable, no
-`terminate called ...` abort while the ranks exit (issue 15: about 1 stop in 100 ended that way,
-exit 1 instead of 143), no traceback, no process left behind."""
+mp.spawn and under torchrun. Every stop must end cleanly and soon: the agreed step saved and
+loadable (tests/test_ddp_script.py resumes from such a snapshot, to the weights of a run that
+never stopped), no `terminate called ...` abort while the ranks exit (issue 15: about 1 stop in
+100 ended that way, exit 1 instead of 143), no traceback, no process left behind."""
 import os
 import random
 import re
@@ -22,7 +23,7 @@ REPEATS = 2  # jobs per launcher and signal, side by side; each signal lands at 
 def stop_together(launcher, sig, outs, cache, rng):
     """Start one run per folder in `outs` side by side (the load makes the exits race harder),
     signal each once its first snapshot exists, and check how each ended."""
-    procs = []
+    procs, signalled = [], []
     for out in outs:
         if launcher == "spawn":
             cmd = [sys.executable, "DDP-script.py", *FLAGS, "--nprocs", "2"]
@@ -39,8 +40,10 @@ def stop_together(launcher, sig, outs, cache, rng):
             os.killpg(proc.pid, sig)  # Ctrl-C, or a scheduler stopping every process of the job
         else:
             os.kill(proc.pid, sig)  # a scheduler that signals the parent alone: it passes it on
-    for proc, out in zip(procs, outs):
+        signalled.append(time.time())
+    for proc, out, t0 in zip(procs, outs, signalled):
         check_stop(launcher, finish(proc, 60), out)
+        assert time.time() - t0 < 20, "the stop took more than 20 s"  # one step, one snapshot
 
 
 def check_stop(launcher, result, out):
