@@ -1,34 +1,62 @@
 """Continue a prompt with a model trained by DDP-script.py (or DDP-script-torchrun.py).
 
     python generate.py --model runs/ddp/model.pt --prompt "Every effort moves you"
+    python generate.py --model runs/ddp/ckpt.pt    # a snapshot of a run still going, or stopped
 """
-import argparse
 import sys
 
 import torch
 
 from data import get_tokenizer
 from gpt_model import GPTModel, generate
+from run_support import ArgumentParser, UsageError, check_weights_fit
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="runs/ddp/model.pt", help="model.pt written by a training run")
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="runs/ddp/model.pt",
+                   help="model.pt written by a training run, or its ckpt.pt snapshot")
     p.add_argument("--prompt", default="Every effort moves you")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
     p.add_argument("--seed", type=int, default=123)
     args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    if args.temperature < 0:
+        p.error(f"--temperature must be 0 (greedy) or more, not {args.temperature:g}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be at least 1, not {args.top_k}")
+    if not args.prompt:
+        p.error("--prompt is empty: give the text to continue")
+    return args
+
+
+def load_model(path):
     try:
-        saved = torch.load(args.model, map_location="cpu", weights_only=True)
-        model = GPTModel(saved["config"])
-        model.load_state_dict(saved["model"])
-    except (OSError, KeyError, RuntimeError) as e:
-        print(f"error: cannot load {args.model} ({type(e).__name__}): pass --model with the "
-              f"model.pt of a finished run", file=sys.stderr)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"no file {path}: pass --model with the model.pt (or ckpt.pt) of a run")
+    except Exception as e:  # a folder, truncated, or not a PyTorch file at all
+        raise UsageError(f"cannot read {path} ({type(e).__name__}): pass --model with the model.pt "
+                         f"(or ckpt.pt) of a run")
+    if not isinstance(saved, dict) or not {"config", "model"} <= saved.keys():
+        raise UsageError(f"{path} is not a model.pt or ckpt.pt of DDP-script.py: it holds no "
+                         f"model config and weights")
+    check_weights_fit(saved, path, fix="use the version of this repository that wrote it")
+    model = GPTModel(saved["config"])
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        model = load_model(args.model)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    model.eval()
     tokenizer = get_tokenizer()
     idx = torch.tensor([tokenizer.encode(args.prompt)])
     out = generate(model, idx, args.max_new_tokens, model.cfg["context_length"],
@@ -39,4 +67,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -373,7 +373,8 @@ def check_checkpoint(ckpt_path, out, resume):
                          f"restore a good copy or start a fresh run with another --out")
 
 
-def check_weights_fit(ckpt, ckpt_path):
+def check_weights_fit(ckpt, ckpt_path, fix="resume with the version that wrote it, or start a "
+                                           "fresh run with another --out"):
     """A checkpoint whose weights this gpt_model.py would not load (other names or shapes, as
     written by an older version of it) is refused before any process starts."""
     with torch.device("meta"):
@@ -381,8 +382,7 @@ def check_weights_fit(ckpt, ckpt_path):
     saved = ckpt["model"]
     if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in saved):
         raise UsageError(f"{ckpt_path} holds weights this gpt_model.py cannot load (other parameter "
-                         f"names or shapes, e.g. from an older version of it): resume with the "
-                         f"version that wrote it, or start a fresh run with another --out")
+                         f"names or shapes, e.g. from an older version of it): {fix}")
 
 
 def restarted_by_torchrun(ckpt_path):
