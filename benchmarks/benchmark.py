@@ -969,8 +969,14 @@ def main(argv=None):
         print(RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
     if args.report_from:
-        with open(args.report_from) as f:
-            print(report(json.load(f)))
+        try:
+            with open(args.report_from) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"error: cannot read {args.report_from} ({type(e).__name__}): pass the JSON that "
+                  f"--json wrote", file=sys.stderr)
+            return 2
+        print(report(saved))
         return 0
     # On SIGTERM (a `timeout`, say) exit through run_command's cleanup, which kills the process
     # group of the run in progress: its processes are in a session of their own.
@@ -980,7 +986,9 @@ def main(argv=None):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     script = load_script()
-    plan_amp, model_config = script_plan(script, device, args.preset, args.context, args.dropout)
+    with run_support.usage_errors():  # the scripts' own checks: one line, exit code 2
+        plan_amp, model_config = script_plan(script, device, args.preset, args.context,
+                                             args.dropout)
     ours_amp = args.ours_amp or plan_amp
     result = {"machine": machine_info(device),
               "settings": {"preset": args.preset, "context": args.context, "batch": args.batch,

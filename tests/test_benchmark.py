@@ -1,5 +1,8 @@
-"""benchmarks/benchmark.py --quick runs to the end and reports every figure. Speed is never asserted."""
+"""benchmarks/benchmark.py --quick runs to the end and reports every figure (speed is never asserted); bad
+input is one line."""
 import json
+
+import torch
 
 from conftest import ok, positive, run
 
@@ -55,3 +58,14 @@ def test_quick_benchmark_reports_every_figure(tmp_path, token_cache):
                  script="benchmarks/benchmark.py"))
     assert "The run was cut short" in cut.stdout and "| config |" in cut.stdout
     assert "DDP weak scaling" not in cut.stdout
+
+
+def test_bad_input_is_one_line(tmp_path, token_cache):
+    not_json = tmp_path / "bench.json"
+    not_json.write_text("{cut short")
+    for args, needle in [(["--report-from", not_json], "cannot read"),
+                         (["--device", "cuda"] if not torch.cuda.is_available() else
+                          ["--preset", "gpt-nano", "--context", "129"], "error: --")]:
+        result = run(args, token_cache, timeout=60, script="benchmarks/benchmark.py")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("error: ") and needle in result.stderr, result.stderr
