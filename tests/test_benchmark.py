@@ -1,5 +1,5 @@
-"""benchmarks/benchmark.py --quick runs to the end and reports every figure (speed is never asserted); bad
-input is one line."""
+"""benchmarks/benchmark.py --quick runs to the end and reports every figure (speed is never
+asserted); bad input is one line."""
 import json
 
 import torch
