@@ -8,9 +8,9 @@ from data import get_tokenizer
 from gpt_model import GPTModel, generate
 
 
-def test_continues_with_the_trained_weights(runs, token_cache):
-    """The printed text is the greedy continuation by the run's own weights, from model.pt and
-    from the snapshot alike."""
+def test_continues_with_the_trained_weights(runs, token_cache, capsys):
+    """The printed text is the greedy continuation by the run's own weights, from model.pt (in a
+    process of its own) and from the final snapshot alike."""
     out, _ = runs("2x4", SPLITS["2x4"])
     saved = torch.load(out / "model.pt", weights_only=True)
     model = GPTModel(saved["config"])
@@ -22,6 +22,8 @@ def test_continues_with_the_trained_weights(runs, token_cache):
                      script="generate.py")).stdout
     assert printed == expected + "\n"
     assert printed.startswith("Every effort moves you") and len(printed) > len("Every effort moves you\n")
+    assert cli.main(["--model", str(out / "ckpt.pt"), "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == printed
 
 
 @pytest.mark.parametrize("args, needle", [
