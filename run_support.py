@@ -882,7 +882,12 @@ def save_checkpoint(path, payload):
     """Write to a temporary file, then rename: a crash mid-write leaves the old file intact."""
     tmp = f"{path}.tmp"
     try:
-        torch.save(payload, tmp)
+        # Through a Python file, so that a full disk raises OSError (ENOSPC) here; torch.save(tmp)
+        # writes in C++ and reports it as "RuntimeError: basic_ios::clear: iostream error".
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power cut leaves one whole file
         os.replace(tmp, path)
     except OSError as e:  # a full disk, say: the previous file is still whole
         with contextlib.suppress(OSError):
