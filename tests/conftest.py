@@ -23,10 +23,26 @@ TINY = ["--device", "cpu", "--model", "gpt-nano", "--context-length", "32", "--d
         "--sample-tokens", "5"]
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+FAULTS = f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'faults'}"  # PYTHONPATH with the test-only hooks
+
+_reserved = {}  # port: the socket that holds it until the session ends
+
+
 def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port on 127.0.0.1 that stays reserved for this test session, with no window in which
+    another socket can take it: it is held bound (not listening) with SO_REUSEADDR, so the kernel
+    gives it to no connection or bind(0), while a TCPStore (which binds with SO_REUSEADDR, as
+    torchrun's and Gloo's rendezvous do) can still listen on it."""
+    while True:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+        if port not in _reserved:  # bind(0) with SO_REUSEADDR may offer a port held already
+            _reserved[port] = s
+            return port
+        s.close()
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +113,36 @@ def run(args, cache, timeout=120, script="DDP-script.py", launcher=None, **env_e
     return finish(start(cmd, script_env(cache, **env_extra)), timeout)
 
 
+def one_error(result, needle, code):
+    """Bad input or a failure the scripts foresee: exit `code`, stderr exactly one `error:` line
+    holding `needle`, no traceback, no process left behind. Returns that line."""
+    report = f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == code, report
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), report
+    assert needle in lines[0], report
+    assert not result.leftovers, f"processes left behind: {result.leftovers}\n{report}"
+    return lines[0]
+
+
+def probe(folder):
+    """What tests/faults/sitecustomize.py recorded (GPT_DDP_PROBE): {rank: [records]}."""
+    ranks = {}
+    for path in sorted(Path(folder).glob("rank-*.jsonl")):
+        with open(path) as f:
+            ranks[int(path.stem.split("-")[1])] = [json.loads(line) for line in f]
+    return ranks
+
+
+def weights_sha256(state):
+    """The digest the probe takes of a rank's weights, of a saved state dict."""
+    import hashlib
+    digest = hashlib.sha256()
+    for tensor in state.values():
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def ok(result):
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     assert not result.leftovers, f"processes left behind: {result.leftovers}"
@@ -143,20 +189,31 @@ def runs(tmp_path_factory, token_cache):
     done = {}
 
     def get(name, args):
+        """(out, result); result.probe: the folder of the probe's records (tests/faults)."""
         if name not in done:
-            out = tmp_path_factory.mktemp(name)
-            done[name] = (out, ok(run(TINY + ["--out", out, "--max-steps", "10"] + args, token_cache)))
+            out, probed = tmp_path_factory.mktemp(name), tmp_path_factory.mktemp(name + "-probe")
+            result = ok(run(TINY + ["--out", out, "--max-steps", "10"] + args, token_cache,
+                            PYTHONPATH=FAULTS, GPT_DDP_PROBE=probed))
+            result.probe = probed
+            done[name] = (out, result)
         return done[name]
     return get
 
 
-# With dropout on, so the resumed run must also continue the dropout randomness exactly.
-RESUME = TINY + ["--dropout", "0.1", "--nprocs", "2", "--batch-size", "2", "--max-steps", "30",
+# With dropout on, so the resumed run must also continue the dropout randomness exactly. 40
+# steps: one epoch is 36 (2 processes x 2 sequences of 32 tokens), so a run resumed late in the
+# first epoch crosses into the second, where a wrong epoch (set_epoch) would change the order.
+RESUME = TINY + ["--dropout", "0.1", "--nprocs", "2", "--batch-size", "2", "--max-steps", "40",
                  "--save-every", "2"]
+RESUME_EPOCH_STEPS = 36
 
 
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, token_cache):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    ok(run(RESUME + ["--out", out], token_cache))
+    """The run that resumed runs must equal (its --out; the probe's records in the folder
+    `probe` beside it)."""
+    base = tmp_path_factory.mktemp("uninterrupted")
+    out, probed = base / "out", base / "probe"
+    probed.mkdir()
+    ok(run(RESUME + ["--out", out], token_cache, PYTHONPATH=FAULTS, GPT_DDP_PROBE=probed))
     return out

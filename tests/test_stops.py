@@ -13,22 +13,22 @@ import time
 import pytest
 import torch
 
-from conftest import TINY, finish, leftovers, script_env, start
+from conftest import FAULTS, TINY, TORCHRUN, finish, script_env, start
 
 FLAGS = TINY + ["--batch-size", "2", "--max-steps", "500", "--save-every", "2"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+STANDALONE = TORCHRUN + ["--standalone", "--nproc_per_node=2"]
 REPEATS = 2  # jobs per launcher and signal, side by side; each signal lands at another moment
 
 
 def stop_together(launcher, sig, outs, cache, rng):
     """Start one run per folder in `outs` side by side (the load makes the exits race harder),
     signal each once its first snapshot exists, and check how each ended."""
-    procs, signalled = [], []
+    procs, signalled = [], []  # signalled: the newest snapshot's step when the signal went
     for out in outs:
         if launcher == "spawn":
             cmd = [sys.executable, "DDP-script.py", *FLAGS, "--nprocs", "2"]
         else:
-            cmd = [*TORCHRUN, "DDP-script-torchrun.py", *FLAGS]
+            cmd = [*STANDALONE, "DDP-script-torchrun.py", *FLAGS]
         procs.append(start(cmd + ["--out", str(out)], script_env(cache)))
     for proc, out in zip(procs, outs):
         deadline = time.time() + 90
@@ -36,17 +36,24 @@ def stop_together(launcher, sig, outs, cache, rng):
             assert proc.poll() is None and time.time() < deadline, finish(proc, 10).stderr
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.5))  # anywhere in the next steps: forward, backward, all-reduce
+        signalled.append(snapshot_step(out))
         if sig == signal.SIGINT or launcher == "torchrun":
             os.killpg(proc.pid, sig)  # Ctrl-C, or a scheduler stopping every process of the job
         else:
             os.kill(proc.pid, sig)  # a scheduler that signals the parent alone: it passes it on
-        signalled.append(time.time())
-    for proc, out, t0 in zip(procs, outs, signalled):
-        check_stop(launcher, finish(proc, 60), out)
-        assert time.time() - t0 < 20, "the stop took more than 20 s"  # one step, one snapshot
+    for proc, out, before in zip(procs, outs, signalled):
+        stopped_at = check_stop(launcher, finish(proc, 60), out)
+        # Soon: the snapshot seen is at most 2 steps old (--save-every 2), and the ranks stop at the
+        # end of the step under way, or of the next one if a rank had checked the flag already.
+        assert before <= stopped_at <= before + 2 + 2, (before, stopped_at)
+
+
+def snapshot_step(out):
+    return torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["step"]
 
 
 def check_stop(launcher, result, out):
+    """How one stopped job ended; returns the step it stopped after."""
     report = f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     assert "terminate called" not in result.stderr, report
     assert not result.leftovers, f"processes left behind: {result.leftovers}\n{report}"
@@ -63,6 +70,7 @@ def check_stop(launcher, result, out):
     snapshot = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
     assert snapshot["step"] == int(stopped[0][1]) >= 2, report
     assert snapshot["world_size"] == 2 and not (out / "model.pt").exists()
+    return snapshot["step"]
 
 
 @pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
@@ -72,26 +80,42 @@ def test_repeated_stops_end_cleanly(launcher, sig, tmp_path, token_cache):
     stop_together(launcher, sig, [tmp_path / f"stop{i}" for i in range(REPEATS)], token_cache, rng)
 
 
+def signal_mask(pid, field):
+    """The signals a process ignores ("SigIgn") or catches ("SigCgt"), from Linux's /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(line for line in f if line.startswith(field + ":")).split()[1]
+    return {s for s in (signal.SIGINT, signal.SIGTERM) if int(mask, 16) >> (s - 1) & 1}
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_stop_while_the_workers_start(sig, tmp_path, token_cache):
-    """A stop that comes while the workers still import torch (Ctrl-C reaches them too; a SIGTERM
+    """A stop that comes while the workers still start (Ctrl-C reaches them too; a SIGTERM
     reaches the parent alone) must not end them with KeyboardInterrupt tracebacks: they start
     ignoring both signals, and the parent passes the stop on again once they listen. The run then
-    stops as any other: after one step, saved, exit 130 or 143."""
-    proc = start([sys.executable, "DDP-script.py", *FLAGS, "--nprocs", "2", "--out", str(tmp_path)],
-                 script_env(token_cache))
+    stops as any other: after a step, saved, exit 130 or 143.
+
+    Made certain by tests/faults (GPT_DDP_HOLD): each worker waits before importing anything
+    until the signal has been sent, and the test sees in /proc that the workers ignore the signal
+    and the parent catches it at that moment."""
+    hold, out = tmp_path / "hold", tmp_path / "out"
+    hold.mkdir()
+    proc = start([sys.executable, "DDP-script.py", *FLAGS, "--nprocs", "2", "--out", str(out)],
+                 script_env(token_cache, PYTHONPATH=FAULTS, GPT_DDP_HOLD=hold))
     deadline = time.time() + 60
-    while len(leftovers(proc.mark)) < 3:  # the parent and its two workers (and mp's tracker)
+    while len(list(hold.glob("held-*"))) < 2 or sig not in signal_mask(proc.pid, "SigCgt"):
         assert proc.poll() is None and time.time() < deadline, finish(proc, 10).stderr
         time.sleep(0.01)
-    time.sleep(0.2)  # the parent has set its own handlers right after starting the workers
+    workers = [int(p.name.split("-")[1]) for p in hold.glob("held-*")]
+    assert all(sig in signal_mask(pid, "SigIgn") for pid in workers)  # still starting: deaf
     if sig == signal.SIGINT:
         os.killpg(proc.pid, sig)
     else:
         os.kill(proc.pid, sig)
+    (hold / "release").touch()
     result = finish(proc, 60)
     report = f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert result.returncode == 128 + sig, report
-    assert "Traceback" not in result.stderr and not result.leftovers, report
-    assert re.search(rf"stopped by {sig.name} after step \d+;", result.stdout), report
-    assert torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)["step"] >= 1
+    assert result.returncode == 128 + sig and not result.stderr and not result.leftovers, report
+    stopped = re.findall(rf"stopped by {sig.name} after step (\d+);", result.stdout)
+    assert len(stopped) == 1 and int(stopped[0]) >= 1, report
+    assert torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["step"] == int(
+        stopped[0])

@@ -2,16 +2,14 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import torch
 
-from conftest import (RESUME, SPLITS, TINY, drop_nprocs, finish, free_port, ok, run, same_weights,
-                      script_env, start)
+from conftest import (FAULTS, RESUME, RESUME_EPOCH_STEPS, SPLITS, TINY, TORCHRUN, drop_nprocs,
+                      finish, free_port, ok, run, same_weights, script_env, start)
 
 SCRIPT = "DDP-script-torchrun.py"
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def two_nodes(args, cache, nproc, rdzv="static", max_restarts=0, node_args=((), ())):
@@ -96,9 +94,17 @@ def kill_a_worker_then_finish(agents, out):
 
 
 def test_standalone_restart_resumes(uninterrupted, tmp_path, token_cache):
+    """Rank 1 killed (SIGKILL, by tests/faults) in step 35, one before its epoch ends: torchrun
+    restarts both workers, they resume from step 34's snapshot, cross into the second epoch and
+    end on the uninterrupted run's weights."""
+    killed_at = RESUME_EPOCH_STEPS - 1
     agent = start(TORCHRUN + ["--standalone", "--nproc_per_node=2", "--max-restarts=1", SCRIPT,
-                              *drop_nprocs(RESUME), "--out", str(tmp_path)], script_env(token_cache))
-    kill_a_worker_then_finish([agent], tmp_path)
+                              *map(str, drop_nprocs(RESUME)), "--out", str(tmp_path)],
+                  script_env(token_cache, PYTHONPATH=FAULTS, GPT_DDP_FAULT=f"kill:1:{killed_at}"))
+    result = ok(finish(agent, 240))
+    saved = killed_at - 1
+    assert f"resumed from step {saved} (epoch 1, {saved} step(s) into it)" in result.stdout
+    assert "done: 40 steps" in result.stdout
     assert same_weights(uninterrupted, tmp_path)
 
 
@@ -139,7 +145,8 @@ def test_nodes_with_different_snapshots_refuse_to_train(runs, tmp_path, token_ca
                        nproc=1, node_args=(["--out", outs[0]], ["--out", outs[1]]))
     results = [finish(a, 120) for a in agents]
     for r in results:
-        assert r.returncode != 0 and not r.leftovers, r.stdout + r.stderr
+        assert r.returncode == 1 and not r.leftovers, r.stdout + r.stderr  # torchrun's code
+        assert "exitcode  : 2" in r.stderr, r.stderr  # the worker's: bad input
         assert 'DDP-script-torchrun.py", line' not in r.stderr, r.stderr  # torchrun's report only
     stderr = "".join(r.stderr for r in results)
     assert stderr.count("error: the ranks found different snapshots in --out") == 2, stderr

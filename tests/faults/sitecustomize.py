@@ -1,44 +1,147 @@
-"""Fault injection for the reliability tests, loaded by every Python process of a run whose
-PYTHONPATH includes this folder (mp.spawn's and torchrun's workers too). GPT_DDP_FAULT selects:
+"""Test-only hooks, loaded by every Python process of a run whose PYTHONPATH includes this folder
+(mp.spawn's and torchrun's workers too). They watch and break the run from outside the code under
+test, through torch's own functions, so that a test does not have to believe what the scripts
+print about themselves.
 
-    raise:RANK:STEP   the rank raises RuntimeError in its STEP-th optimizer step
-    kill-in-save:N    the process writing its N-th checkpoint is SIGKILLed halfway through
+GPT_DDP_FAULT selects one fault:
+
+    raise:RANK:STEP     the rank raises RuntimeError in its STEP-th optimizer step
+    kill:RANK:STEP      the rank SIGKILLs itself in its STEP-th step (not after a torchrun restart)
+    sigterm:STEP        rank 0 sends SIGTERM to its parent (mp.spawn's) in its STEP-th step, as a
+                        scheduler that signals the job's main process would
+    perturb:RANK:STEP   the rank adds 1e-3 to one weight in its STEP-th step: its replica differs
+    kill-in-save:N      the process writing its N-th checkpoint is SIGKILLed halfway through
+    fake-gpus:N         torch says that N CUDA GPUs (compute capability 8.0) are visible
+
+("the STEP-th step" counts calls of torch.nn.utils.clip_grad_norm_, once per optimizer step.)
+
+GPT_DDP_HOLD=DIR holds each mp.spawn worker before it imports anything: it writes DIR/held-PID
+and waits for DIR/release. So a test can signal the job while its workers are still starting.
+
+GPT_DDP_PROBE=DIR records, for each rank, in DIR/rank-R.jsonl, one JSON object a line:
+    {"kind": "allreduce", "step": S, "dtype": ..., "numel": N, "bytes": B}   every dist.all_reduce
+    {"kind": "grad_norm", "step": S, "value": ...}   what clip_grad_norm_ returned (pre-clip norm)
+    {"kind": "order", "epoch": E, "indices": [...]}  each DistributedSampler pass, its indices
+    {"kind": "final", "sha256": ..., "buckets": [...], "steps": S}   at destroy_process_group: the
+        hash of the DDP-wrapped module's weights on this rank, DDP's gradient bucket sizes
+S is the optimizer step under way, from 1 (DDP's bucket all-reduces of step S run in its backward,
+before clip_grad_norm_; an all-reduce after the S-th clipping counts as S + 1).
 """
 import os
+import sys
 
 FAULT = os.environ.get("GPT_DDP_FAULT", "")
+HOLD = os.environ.get("GPT_DDP_HOLD", "")
+PROBE = os.environ.get("GPT_DDP_PROBE", "")
+ARGV = " ".join(getattr(sys, "orig_argv", sys.argv))
 
-if FAULT:
+if HOLD and "spawn_main" in ARGV:  # an mp.spawn worker, before it imports torch
+    import time
+    open(os.path.join(HOLD, f"held-{os.getpid()}"), "w").close()
+    while not os.path.exists(os.path.join(HOLD, "release")):
+        time.sleep(0.01)
+
+if (FAULT or PROBE) and "resource_tracker" not in ARGV:
+    import hashlib
+    import json
     import signal
 
     import torch
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data.distributed import DistributedSampler
 
     kind, *params = FAULT.split(":")
     calls = {"clip": 0, "save": 0}
+    ddp_modules = []
 
-    if kind == "raise":
-        fail_rank, fail_step = int(params[0]), int(params[1])
-        real_clip = torch.nn.utils.clip_grad_norm_
+    def rank():
+        return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
-        def clip_grad_norm_(*args, **kwargs):
-            calls["clip"] += 1
-            if dist.is_initialized() and dist.get_rank() == fail_rank and calls["clip"] == fail_step:
-                raise RuntimeError(f"injected failure on rank {fail_rank} at step {fail_step}")
-            return real_clip(*args, **kwargs)
-        torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
+    def record(**fields):
+        if PROBE:
+            with open(os.path.join(PROBE, f"rank-{rank()}.jsonl"), "a") as f:
+                f.write(json.dumps(fields) + "\n")
+
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_grad_norm_(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        calls["clip"] += 1
+        step, me = calls["clip"], rank()
+        first_start = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+        if kind == "raise" and me == int(params[0]) and step == int(params[1]):
+            raise RuntimeError(f"injected failure on rank {me} at step {step}")
+        if kind == "kill" and me == int(params[0]) and step == int(params[1]) and first_start:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "sigterm" and me == 0 and step == int(params[0]):
+            os.kill(os.getppid(), signal.SIGTERM)
+        if kind == "perturb" and me == int(params[0]) and step == int(params[1]):
+            with torch.no_grad():
+                parameters[0].view(-1)[0] += 1e-3
+        norm = real_clip(parameters, *args, **kwargs)
+        record(kind="grad_norm", step=step, value=float(norm))
+        return norm
+    torch.nn.utils.clip_grad_norm_ = clip_grad_norm_
+
+    if PROBE:
+        real_all_reduce = dist.all_reduce
+
+        def all_reduce(tensor, *args, **kwargs):  # what goes on the wire, as handed to Gloo
+            record(kind="allreduce", step=calls["clip"] + 1, dtype=str(tensor.dtype).split(".")[-1],
+                   numel=tensor.numel(), bytes=tensor.numel() * tensor.element_size())
+            return real_all_reduce(tensor, *args, **kwargs)
+        dist.all_reduce = all_reduce
+
+        real_iter = DistributedSampler.__iter__
+
+        def sampler_iter(self):
+            indices = list(real_iter(self))
+            record(kind="order", epoch=self.epoch, indices=indices)
+            return iter(indices)
+        DistributedSampler.__iter__ = sampler_iter
+
+        real_ddp_init = DistributedDataParallel.__init__
+
+        def ddp_init(self, *args, **kwargs):
+            real_ddp_init(self, *args, **kwargs)
+            ddp_modules.append(self)
+        DistributedDataParallel.__init__ = ddp_init
+
+        real_destroy = dist.destroy_process_group
+
+        def destroy_process_group(*args, **kwargs):
+            for ddp in ddp_modules:
+                digest = hashlib.sha256()
+                for tensor in ddp.module.state_dict().values():
+                    digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                data = ddp._get_ddp_logging_data()
+                sizes = data.get("rebuilt_bucket_sizes") or data.get("bucket_sizes") or ""
+                record(kind="final", sha256=digest.hexdigest(), steps=calls["clip"],
+                       buckets=[int(s) for s in str(sizes).split(",") if s.strip()])
+            return real_destroy(*args, **kwargs)
+        dist.destroy_process_group = destroy_process_group
 
     if kind == "kill-in-save":
         nth = int(params[0])
         real_save = torch.save
 
         def save(obj, f, *args, **kwargs):
-            if str(f).endswith("ckpt.pt.tmp"):
+            name = str(getattr(f, "name", f))  # a path, or the file object it was opened as
+            if name.endswith("ckpt.pt.tmp"):
                 calls["save"] += 1
                 if calls["save"] == nth:
                     real_save(obj, f, *args, **kwargs)
-                    with open(f, "r+b") as fh:  # leave half a file behind, as a crash would
-                        fh.truncate(os.path.getsize(f) // 2)
+                    if hasattr(f, "flush"):
+                        f.flush()
+                    with open(name, "r+b") as fh:  # leave half a file behind, as a crash would
+                        fh.truncate(os.path.getsize(name) // 2)
                     os.kill(os.getpid(), signal.SIGKILL)
             return real_save(obj, f, *args, **kwargs)
         torch.save = save
+
+    if kind == "fake-gpus":
+        n_gpus = int(params[0])
+        torch.cuda.is_available = lambda: True
+        torch.cuda.device_count = lambda: n_gpus
+        torch.cuda.get_device_capability = lambda device=None: (8, 0)
