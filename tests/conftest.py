@@ -134,6 +134,11 @@ def probe(folder):
     return ranks
 
 
+def records(folder, kind):
+    """The probe's records of one kind: {rank: [record, ...]}, in the order they were made."""
+    return {rank: [r for r in rows if r["kind"] == kind] for rank, rows in probe(folder).items()}
+
+
 def weights_sha256(state):
     """The digest the probe takes of a rank's weights, of a saved state dict."""
     import hashlib
@@ -141,6 +146,10 @@ def weights_sha256(state):
     for tensor in state.values():
         digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+# Bad-input cases that are bad only where torch sees no CUDA GPU.
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="these flags are fine with a GPU")
 
 
 def ok(result):
@@ -203,9 +212,9 @@ def runs(tmp_path_factory, token_cache):
 # With dropout on, so the resumed run must also continue the dropout randomness exactly. 40
 # steps: one epoch is 36 (2 processes x 2 sequences of 32 tokens), so a run resumed late in the
 # first epoch crosses into the second, where a wrong epoch (set_epoch) would change the order.
-RESUME = TINY + ["--dropout", "0.1", "--nprocs", "2", "--batch-size", "2", "--max-steps", "40",
-                 "--save-every", "2"]
-RESUME_EPOCH_STEPS = 36
+RESUME_STEPS, RESUME_EPOCH_STEPS = 40, 36
+RESUME = TINY + ["--dropout", "0.1", "--nprocs", "2", "--batch-size", "2",
+                 "--max-steps", str(RESUME_STEPS), "--save-every", "2"]
 
 
 @pytest.fixture(scope="session")

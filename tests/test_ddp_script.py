@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from conftest import (FAULTS, RESUME, RESUME_EPOCH_STEPS, ROOT, SPLITS, TINY, free_port,
-                      load_weights, metrics, ok, one_error, probe, run, same_weights, weights_sha256)
+from conftest import (FAULTS, RESUME, RESUME_EPOCH_STEPS, RESUME_STEPS, ROOT, SPLITS, TINY,
+                      free_port, load_weights, metrics, no_gpu, ok, one_error, records, run,
+                      same_weights, weights_sha256)
 from gpt_model import GPT_CONFIGS, GPTModel
 
 def test_trains_and_writes_outputs(runs):
@@ -40,8 +41,7 @@ def test_trains_and_writes_outputs(runs):
 def grad_norms(probed):
     """Each step's gradient norm before clipping, as clip_grad_norm_ returned it (the probe's
     record); the same on every rank, since the gradients were all-reduced."""
-    per_rank = [[r["value"] for r in records if r["kind"] == "grad_norm"]
-                for records in probe(probed).values()]
+    per_rank = [[r["value"] for r in rows] for rows in records(probed, "grad_norm").values()]
     assert all(norms == per_rank[0] for norms in per_rank), per_rank
     return per_rank[0]
 
@@ -82,17 +82,17 @@ def bucket_rounds(probed):
     """DDP's gradient all-reduces per optimizer step on each rank, as the probe saw them handed
     to Gloo: {rank: {step: [(dtype, bytes), ...]}} (the other all-reduces carry a few numbers)."""
     rounds = {}
-    for rank, records in probe(probed).items():
+    for rank, rows in records(probed, "allreduce").items():
         steps = rounds.setdefault(rank, {})
-        for r in records:
-            if r["kind"] == "allreduce" and r["numel"] > 64:
+        for r in rows:
+            if r["numel"] > 64:
                 steps.setdefault(r["step"], []).append((r["dtype"], r["bytes"]))
     return rounds
 
 
 def ddp_buckets(probed):
     """DDP's own gradient bucket sizes in bytes (its logging data), the same on every rank."""
-    finals = [[r for r in records if r["kind"] == "final"] for records in probe(probed).values()]
+    finals = list(records(probed, "final").values())
     assert all(len(f) == 1 and f[0]["buckets"] == finals[0][0]["buckets"] for f in finals)
     return finals[0][0]["buckets"]
 
@@ -123,8 +123,7 @@ def test_replicas_identical_seen_from_outside(runs):
     for name in ("2x4", "2x1x4"):
         out, result = runs(name, SPLITS[name])
         assert "check: all 2 replicas hold identical weights" in result.stdout
-        finals = {rank: [r for r in records if r["kind"] == "final"]
-                  for rank, records in probe(result.probe).items()}
+        finals = records(result.probe, "final")
         assert sorted(finals) == [0, 1] and all(len(f) == 1 for f in finals.values())
         assert finals[0][0]["sha256"] == finals[1][0]["sha256"] == weights_sha256(load_weights(out))
 
@@ -141,8 +140,7 @@ def test_replica_check_catches_a_replica_that_differs(tmp_path, token_cache):
 def test_each_epoch_is_a_new_shuffle_the_same_on_every_rank(uninterrupted, token_cache):
     """The order the ranks trained in, as DistributedSampler handed it out (the probe): every
     epoch a new permutation (set_epoch), the seeded one, split into disjoint shards."""
-    orders = {rank: [(r["epoch"], r["indices"]) for r in records if r["kind"] == "order"]
-              for rank, records in probe(uninterrupted.parent / "probe").items()}
+    orders = epoch_orders(uninterrupted.parent / "probe")
     assert sorted(orders) == [0, 1]
     windows = len(training_loader(token_cache, RESUME).dataset)
     assert windows // 2 // 2 == RESUME_EPOCH_STEPS  # windows per rank // batch size
@@ -154,6 +152,12 @@ def test_each_epoch_is_a_new_shuffle_the_same_on_every_rank(uninterrupted, token
             assert indices == perm.tolist()[:windows // 2 * 2][rank::2]
     for epoch in (0, 1):
         assert not set(orders[0][epoch][1]) & set(orders[1][epoch][1])
+
+
+def epoch_orders(probed):
+    """{rank: [(epoch, indices), ...]}: each pass of DistributedSampler, as the probe saw it."""
+    return {rank: [(r["epoch"], r["indices"]) for r in rows]
+            for rank, rows in records(probed, "order").items()}
 
 
 def training_loader(cache, flags):
@@ -196,12 +200,9 @@ def test_sigterm_then_resume_matches_uninterrupted(uninterrupted, tmp_path, toke
     assert f"resumed from step {step} (epoch 1, {step} step(s) into it)" in resumed.stdout
     assert same_weights(uninterrupted, tmp_path)
     steps = [r["step"] for r in metrics(tmp_path)]
-    assert steps == sorted(set(steps)) and steps[-1] == 40  # no step logged twice
-    want = {rank: [(r["epoch"], r["indices"]) for r in records if r["kind"] == "order"]
-            for rank, records in probe(uninterrupted.parent / "probe").items()}
-    got = {rank: [(r["epoch"], r["indices"]) for r in records if r["kind"] == "order"]
-           for rank, records in probe(probed).items()}
-    assert got == want  # epoch 1 (whose first steps it skipped), then epoch 2, shuffled anew
+    assert steps == sorted(set(steps)) and steps[-1] == RESUME_STEPS  # no step logged twice
+    # epoch 1 (whose first steps it skipped), then epoch 2, shuffled anew
+    assert epoch_orders(probed) == epoch_orders(uninterrupted.parent / "probe")
 
 
 def test_resume_late_in_epoch_at_larger_world(tmp_path, token_cache):
@@ -246,9 +247,6 @@ def test_legacy_launch_passes_local_rank(tmp_path, token_cache):
 def expect_error(args, cache, needle, env=None):
     """Bad input: one `error:` line, exit 2, within the run's timeout, nothing left running."""
     return one_error(run(TINY + args, cache, timeout=60, **(env or {})), needle, 2)
-
-
-no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="these flags are fine with a GPU")
 
 
 @pytest.mark.parametrize("args, needle", [

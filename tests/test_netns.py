@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import netns
-from conftest import (ROOT, RESUME, SPLITS, TINY, TORCHRUN, drop_nprocs, finish, free_port, ok,
-                      run, same_weights, script_env, start)
+from conftest import (ROOT, RESUME, RESUME_STEPS, SPLITS, TINY, TORCHRUN, drop_nprocs, finish,
+                      free_port, ok, run, same_weights, script_env, start)
 
 SCRIPT = "DDP-script-torchrun.py"
 CUT_TIMEOUT = 10  # --timeout of the link-cut run
@@ -219,8 +219,7 @@ def test_c10d_whole_host_lost_then_replaced(link, uninterrupted, tmp_path, tmpdi
     node0, node1 = (finish(p, 240) for p in agents)
     ok(node0), ok(node1)
     log = node0.stdout + node1.stdout
-    steps = RESUME[RESUME.index("--max-steps") + 1]
-    assert "resumed from step" in log and f"done: {steps} steps" in log
+    assert "resumed from step" in log and f"done: {RESUME_STEPS} steps" in log
     assert same_weights(uninterrupted, out)
     assert empty(link)
 

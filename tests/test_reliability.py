@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import (FAULTS, RESUME, RESUME_EPOCH_STEPS, TINY, TORCHRUN, finish, free_port,
-                      one_error, ok, run, same_weights, script_env, start)
+                      no_gpu, one_error, ok, run, same_weights, script_env, start)
 
 SHORT = TINY + ["--nprocs", "2", "--batch-size", "2"]
 
@@ -36,8 +36,7 @@ def guarded(good_run, tmp_path):
     (["--grad-accum", "0"], "--grad-accum must be at least 1"),
     (["--context-length", "129"], "outside 1..128"),
     (["--model", "gpt-huge"], "invalid choice: 'gpt-huge'"),
-    pytest.param(["--backend", "nccl"], "--backend nccl needs CUDA",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fine with a GPU")),
+    pytest.param(["--backend", "nccl"], "--backend nccl needs CUDA", marks=no_gpu),
     (["--data", "/nonexistent.txt"], "data file not found"),
     (["--model", "gpt-mini"], "holds a gpt-nano model, not gpt-mini"),
 ])

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from conftest import (FAULTS, RESUME, RESUME_EPOCH_STEPS, SPLITS, TINY, TORCHRUN, drop_nprocs,
-                      finish, free_port, ok, run, same_weights, script_env, start)
+from conftest import (FAULTS, RESUME, RESUME_EPOCH_STEPS, RESUME_STEPS, SPLITS, TINY, TORCHRUN,
+                      drop_nprocs, finish, free_port, ok, run, same_weights, script_env, start)
 
 SCRIPT = "DDP-script-torchrun.py"
 
@@ -104,7 +104,7 @@ def test_standalone_restart_resumes(uninterrupted, tmp_path, token_cache):
     result = ok(finish(agent, 240))
     saved = killed_at - 1
     assert f"resumed from step {saved} (epoch 1, {saved} step(s) into it)" in result.stdout
-    assert "done: 40 steps" in result.stdout
+    assert f"done: {RESUME_STEPS} steps" in result.stdout
     assert same_weights(uninterrupted, tmp_path)
 
 
