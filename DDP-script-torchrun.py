@@ -14,8 +14,10 @@ own shard of the data, `train` runs the loop (`set_epoch`, accumulation with `no
 precision, clipping), and `main` is one process; torchrun starts them. The lines that DDP adds
 to single-device training carry a NEW: comment, as in the book; diff against DDP-script.py shows
 what torchrun changes.
-What keeps a long run safe and observable (flag checks, log lines, snapshots, stop signals, exit
-codes) is in run_support.py, one call each.
+
+Every point where the ranks must meet is a `dist.` call in this file: a rank that skips one
+(say, under `if rank == 0`) leaves the others waiting. What keeps a long run safe and observable
+(the plan, snapshots, the log, stop signals, exit codes) is in ddp_support/.
 """
 import contextlib
 import datetime
@@ -27,13 +29,20 @@ import torch.distributed as dist  # NEW: process groups and collectives (all-red
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP  # NEW: the wrapper that syncs gradients
 
-import run_support as rs
-from data import create_dataloader, get_tokenizer, prepare_tokens, split_tokens
+from data import (create_dataloader, get_tokenizer, prepare_tokens, split_tokens, text_to_token_ids,
+                  token_ids_to_text)
+from ddp_support.plan import argument_parser, make_plan
+from ddp_support.process import (TrainingError, UsageError, check_finite, master_port,
+                                 run_and_exit, setup_errors, stop_signal, tune_process,
+                                 usage_errors)
+from ddp_support.progress import (Log, Position, load_snapshot, print_plan, save_snapshot,
+                                  weights_sha256)
+from ddp_support.workarounds import ddp_group_for_debug, restart_safe_store
 from gpt_model import GPTModel, count_parameters, generate, load_hf_gpt2
 
 
 def parse_args(argv=None):
-    return rs.argument_parser(__doc__).parse_args(argv)  # torchrun's own flags set the processes
+    return argument_parser(__doc__).parse_args(argv)  # torchrun's own flags set the processes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,27 +51,31 @@ def parse_args(argv=None):
 def ddp_setup(rank, local_rank, world_size, plan):
     """Join the process group. rank: this process's place in the whole job (0 writes the files);
     local_rank: its place on this machine, which picks its GPU."""
-    if plan.device == "cuda":
+    if plan.device_type == "cuda":
         torch.cuda.set_device(local_rank)  # NEW: one GPU per process, before NCCL starts
         device = torch.device("cuda", local_rank)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (TF32)
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    rs.tune_process(device, world_size)  # CPU threads and memory reuse
-    with rs.setup_errors(rank, world_size, plan.timeout):  # a process that never comes: one line
+    tune_process(device, world_size)  # CPU threads and memory reuse
+    timeout = datetime.timedelta(seconds=plan.timeout)
+    with setup_errors(rank, world_size, plan.timeout):  # a process that never comes: one line
         # NEW: meet the others at MASTER_ADDR:MASTER_PORT; NCCL between GPUs, Gloo between CPUs
-        dist.init_process_group(plan.backend, rank=rank, world_size=world_size,
-                                store=rs.restart_safe_store(rank, world_size, plan.timeout),
-                                timeout=datetime.timedelta(seconds=plan.timeout),
+        dist.init_process_group(plan.backend, rank=rank, world_size=world_size, timeout=timeout,
+                                store=restart_safe_store(rank, world_size, plan.timeout, UsageError),
                                 device_id=device if plan.backend == "nccl" else None)
-    return device
+        # The stop flag goes through a CPU group, so checking it never waits for the GPU.
+        stop_group = (dist.new_group(backend="gloo", timeout=timeout)  # NEW: every rank joins
+                      if plan.backend == "nccl" else None)
+        ddp_group = ddp_group_for_debug(plan.backend, timeout)  # None, but see workarounds.py
+    return device, stop_group, ddp_group
 
 
-def build_model(plan, device):
+def build_model(plan, device, ddp_group):
     torch.manual_seed(plan.seed)  # the same initial weights on every rank
     model = GPTModel(plan.model_config)
-    if plan.init_from and not plan.resume:
+    if plan.init_from and not plan.resume_from:
         load_hf_gpt2(model, plan.init_from)
     model.to(device)
     raw_model = model  # the model itself, for saving, sampling and the optimizer
@@ -70,7 +83,8 @@ def build_model(plan, device):
         model = torch.compile(model)
     # NEW: DDP broadcasts rank 0's weights, then all-reduces gradient buckets during backward
     model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                gradient_as_bucket_view=True)  # gradients live in the buckets: no extra copy
+                gradient_as_bucket_view=True,  # gradients live in the buckets: no extra copy
+                process_group=ddp_group)
     return model, raw_model
 
 
@@ -80,13 +94,10 @@ def build_loaders(plan, rank):
     common = dict(batch_size=plan.batch_size, max_length=plan.context_length,
                   stride=plan.context_length, num_workers=plan.num_workers,
                   distributed=True, num_replicas=plan.world_size, rank=rank,  # NEW: a shard per rank
-                  seed=plan.seed, pin_memory=plan.device == "cuda")
+                  seed=plan.seed, pin_memory=plan.device_type == "cuda")
     # Training: a DistributedSampler; validation: an even split, every window exactly once.
-    train_loader = create_dataloader(train_tokens, shuffle=True, drop_last=True,
-                                     name="the training split", **common)
-    val_loader = create_dataloader(val_tokens, shuffle=False, drop_last=False,
-                                   name=f"the validation split (--val-ratio {plan.val_ratio})",
-                                   **common)
+    train_loader = create_dataloader(train_tokens, shuffle=True, drop_last=True, **common)
+    val_loader = create_dataloader(val_tokens, shuffle=False, drop_last=False, **common)
     return train_loader, val_loader
 
 
@@ -108,17 +119,17 @@ def configure_optimizer(raw_model, plan):
               {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel updates every tensor (on CUDA, and on the CPU since torch 2.4); the
     # default for-each loop takes several times longer on the CPU for GPT-2 sizes.
-    return torch.optim.AdamW(groups, lr=plan.lr, betas=(0.9, 0.95), fused=True)
+    return torch.optim.AdamW(groups, lr=plan.peak_lr, betas=(0.9, 0.95), fused=True)
 
 
 def lr_factor(step, plan):
-    """Linear warm-up to lr, then cosine decay to min_lr at the last step (a LambdaLR factor).
+    """Linear warm-up to the peak, then cosine decay to final_lr at the last step (a LambdaLR factor).
     By default neither: the learning rate stays constant, as in the book's chapter 5."""
     if step < plan.warmup_steps:
         return (step + 1) / plan.warmup_steps
     progress = (step - plan.warmup_steps) / max(1, plan.total_steps - plan.warmup_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return (plan.min_lr + (plan.lr - plan.min_lr) * cosine) / plan.lr
+    return (plan.final_lr + (plan.peak_lr - plan.final_lr) * cosine) / plan.peak_lr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,31 +155,39 @@ def evaluate(model, loader, device, amp_dtype, max_batches=0):
             break
         total[0] += calc_loss_batch(x, y, model, device, amp_dtype) * x.shape[0]
         total[1] += x.shape[0]
-    dist.all_reduce(total)  # NEW: sum over the ranks' shards
+    dist.all_reduce(total)  # NEW: every rank: sums over all the ranks' shards
     model.train()
     return (total[0] / total[1]).item()
 
 
 def sample_text(raw_model, plan, device):
     tokenizer = get_tokenizer()
-    idx = torch.tensor([tokenizer.encode(plan.sample_prompt)], device=device)
     raw_model.eval()
-    out = generate(raw_model, idx, plan.sample_tokens, plan.context_length)
+    out = generate(raw_model, text_to_token_ids(plan.sample_prompt, tokenizer).to(device),
+                   plan.sample_tokens, plan.context_length)
     raw_model.train()
-    return tokenizer.decode(out[0].tolist()).replace("\n", " ")
+    return token_ids_to_text(out, tokenizer).replace("\n", " ")
 
 
-def train(model, raw_model, optimizer, scheduler, scaler, train_loader, val_loader, run, plan,
-          device, rank):
-    """The training loop. `run` keeps the books: step count, resume position, log lines,
-    snapshots and the stop flag (run_support.py)."""
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.amp)
+def train(model, raw_model, optimizer, scheduler, scaler, train_loader, val_loader, start, log,
+          plan, device, rank, stop_group):
+    """The training loop, from `start` (a Position: step 0, or where the snapshot left off).
+    Returns the step it reached and the stop signal the ranks agreed on (0: none)."""
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.autocast)
+    step, tokens_seen = start.step, start.tokens_seen
+    loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+    stop = 0
     model.train()
-    for epoch in run.epochs():
+    for epoch in range(start.epoch, plan.epochs):
+        if step >= plan.total_steps or stop:  # the last step was taken, or the ranks stopped
+            break
         train_loader.sampler.set_epoch(epoch)  # NEW: a new shuffle each epoch, the same on all ranks
         batches = iter(train_loader)
-        for i in range(run.skip_steps_taken(batches), plan.steps_per_epoch):
-            torch.manual_seed(run.step_seed())  # dropout: the rank's own masks, resumable
+        first = start.steps_into_epoch if epoch == start.epoch else 0
+        for _ in range(first * plan.grad_accum):  # a resumed epoch: pass what it trained on
+            next(batches)
+        for i in range(first, plan.steps_per_epoch):
+            torch.manual_seed(plan.seed * 1_000_003 + rank * 10_007 + step)  # dropout: resumable
             for micro in range(plan.grad_accum):
                 x, y = next(batches)
                 last_micro = micro == plan.grad_accum - 1
@@ -178,7 +197,8 @@ def train(model, raw_model, optimizer, scheduler, scaler, train_loader, val_load
                     # / grad_accum: the K micro-batches' summed gradients are then the gradient
                     # of the mean loss over the K-times larger batch
                     scaler.scale(loss / plan.grad_accum).backward()  # NEW: DDP all-reduces here
-                run.add_loss(loss)
+                loss_sum += loss.detach()
+                loss_count += 1
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             # the same averaged gradients on every rank: the same norm, the same clipped step
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -187,58 +207,101 @@ def train(model, raw_model, optimizer, scheduler, scaler, train_loader, val_load
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            run.end_step(grad_norm, epoch_end=i == plan.steps_per_epoch - 1)  # count; agree on stops
+            step, tokens_seen = step + 1, tokens_seen + plan.tokens_per_step
+            epoch_end, done = i == plan.steps_per_epoch - 1, step == plan.total_steps
 
-            if run.log_due:
-                train_loss = run.mean_train_loss()  # NEW: all-reduced, the same on every rank
-                # model.module: the replica itself, so no DDP machinery runs in evaluation
-                val_loss = (evaluate(model.module, val_loader, device, amp_dtype, plan.eval_iters)
-                            if run.eval_due else None)
+            flag = torch.tensor([stop_signal()])  # 0, or the SIGINT / SIGTERM this rank received
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)  # NEW: every rank: stop now?
+            stop = int(flag)
+            log_due = step % plan.log_every == 0 or epoch_end or done or stop
+            save_due = epoch_end or done or stop or (plan.save_every and step % plan.save_every == 0)
+            if (log_due or save_due) and not scaler.is_enabled():  # (fp16 skips inf steps itself)
+                check_finite(grad_norm.item(), step, plan)  # every rank's norm: all stop together
+            if log_due:
+                mean = torch.stack([loss_sum, torch.tensor(float(loss_count), device=device)])
+                dist.all_reduce(mean)  # NEW: every rank: the loss summed over the ranks
+                train_loss, loss_count = (mean[0] / mean[1]).item(), 0
+                loss_sum.zero_()
+                check_finite(train_loss, step, plan, "training loss")
+                with log.paused():  # model.module: the replica itself, no DDP machinery
+                    val_loss = (evaluate(model.module, val_loader, device, amp_dtype, plan.eval_iters)
+                                if step % plan.eval_every == 0 or epoch_end or done else None)
                 if rank == 0:  # NEW: global rank 0 alone writes: the replicas are identical
-                    run.log(train_loss, val_loss, grad_norm)
-            if run.save_due and rank == 0:  # NEW: one snapshot, written by one process
-                run.save(i + 1)
-            if run.done or run.stop_signal:
+                    log.write(step, epoch, tokens_seen, train_loss, val_loss, grad_norm.item(),
+                              scheduler.get_last_lr()[0])
+            if save_due and rank == 0:  # NEW: one snapshot, written by one process
+                with log.paused():  # at the end of an epoch it points at the next one
+                    save_snapshot(plan, Position(step, epoch + 1, 0, tokens_seen) if epoch_end else
+                                  Position(step, epoch, i + 1, tokens_seen),
+                                  raw_model, optimizer, scheduler, scaler)
+            if done or stop:
                 break
-        if rank == 0 and not run.stop_signal:  # NEW: one sample, printed once
-            with run.pause():
+        if rank == 0 and not stop:  # NEW: one sample, printed once
+            with log.paused():
                 print(f"sample: {sample_text(raw_model, plan, device)}", flush=True)
+    return step, stop
 
 
 # ---------------------------------------------------------------------------------------------
 # One process of the job, and the launch.
 
 def main(rank, world_size, plan, local_rank=None):  # NEW: runs in every process, with its rank
-    """One process: set up, train, save, leave. Exits with an error line and code on failure."""
+    """One process: set up, train, save, leave. Returns 0, or 128 + the signal that stopped it."""
     local_rank = rank if local_rank is None else local_rank  # one machine: the same
-    with rs.one_process(rank, local_rank):  # stop signals, one-line errors, exit codes
-        device = ddp_setup(rank, local_rank, world_size, plan)
-        rs.plan_data_per_node(local_rank, plan, build_loaders, device)  # nodes tokenize their own copy
-        model, raw_model = build_model(plan, device)
-        if rank == 0:
-            rs.print_plan(plan, count_parameters(raw_model))
-        train_loader, val_loader = build_loaders(plan, rank)
-        optimizer = configure_optimizer(raw_model, plan)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan))
-        scaler = torch.amp.GradScaler(device.type, enabled=plan.amp == "fp16")
-        comm = {"calls": 0, "bytes": 0, "bf16": plan.grad_compression == "bf16"}
-        model.register_comm_hook(comm, counting_allreduce_hook)  # NEW: count (or compress) all-reduces
-        run = rs.Run(rank, plan, device, raw_model, optimizer, scheduler, scaler, comm)  # or resume
-        train(model, raw_model, optimizer, scheduler, scaler, train_loader, val_loader, run, plan,
-              device, rank)
-        rs.check_replicas_identical(raw_model, rank, world_size)  # DDP's promise, bit for bit
-        if rank == 0:  # NEW: model.pt and loss.png, written once
-            run.finish()
-        dist.barrier()  # NEW: nobody exits (and so nobody gets killed) before rank 0 has saved
-        dist.destroy_process_group()  # NEW: leave the process group cleanly
+    device, stop_group, ddp_group = ddp_setup(rank, local_rank, world_size, plan)
+    # Each node tokenized its own copy of the text (nodes need not share a filesystem).
+    n_tokens = torch.tensor([plan.n_tokens, -plan.n_tokens], device=device)
+    dist.all_reduce(n_tokens, op=dist.ReduceOp.MAX)  # NEW: every rank: the same text?
+    most, fewest = n_tokens[0].item(), -n_tokens[1].item()
+    if most != fewest:
+        raise UsageError(f"the nodes hold different text ({fewest:,} to {most:,} tokens): pass the "
+                         f"same --data on every node")
+    model, raw_model = build_model(plan, device, ddp_group)
+    if rank == 0:
+        print_plan(plan, count_parameters(raw_model))
+    train_loader, val_loader = build_loaders(plan, rank)
+    optimizer = configure_optimizer(raw_model, plan)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan))
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.autocast == "fp16")
+    comm = {"calls": 0, "bytes": 0, "bf16": plan.grad_compression == "bf16"}
+    model.register_comm_hook(comm, counting_allreduce_hook)  # NEW: count (or compress) all-reduces
+    start, saved_world = (load_snapshot(plan, raw_model, optimizer, scheduler, scaler, device)
+                          if plan.resume_from else (Position(), world_size))
+    # Each rank read --out itself: nodes that do not share it may hold different snapshots.
+    where = torch.tensor([start.step, -start.step], device=device)
+    dist.all_reduce(where, op=dist.ReduceOp.MAX)  # NEW: every rank: the same snapshot?
+    highest, lowest = where[0].item(), -where[1].item()
+    if highest != lowest:
+        raise UsageError(f"the ranks found different snapshots in --out {plan.out} (steps {lowest} "
+                         f"to {highest}): --out must be a folder that every node shares, or start "
+                         f"a fresh run with a new --out")
+    log = Log(plan, start, comm)
+    if rank == 0:
+        log.begin(start, saved_world)
+    step, stop = train(model, raw_model, optimizer, scheduler, scaler, train_loader, val_loader,
+                       start, log, plan, device, rank, stop_group)
+    digests = [None] * world_size
+    dist.all_gather_object(digests, weights_sha256(raw_model))  # NEW: every rank: identical replicas?
+    if len(set(digests)) != 1:
+        raise TrainingError(f"the replicas' weights differ after training ({digests}): "
+                            f"this is a bug, please report it")
+    if rank == 0:  # NEW: model.pt and loss.png, written once
+        print(f"check: all {world_size} replicas hold identical weights (sha256 {digests[0][:16]})",
+              flush=True)
+        log.finish(raw_model, step, stop)
+    dist.barrier()  # NEW: nobody exits (and so nobody gets killed) before rank 0 has saved
+    dist.destroy_process_group()  # NEW: leave the process group cleanly
+    return 128 + stop if stop else 0
 
 
 if __name__ == "__main__":
     args = parse_args()
-    with rs.usage_errors():  # bad input: one line, exit code 2, before training starts
+    with usage_errors():  # bad input: one line, exit code 2, before training starts
         if "RANK" not in os.environ:  # plain `python DDP-script-torchrun.py`: a job of one process
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=rs.master_port("127.0.0.1"))
-        plan = rs.plan_run(args, launcher="torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "python")
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=master_port("127.0.0.1"))
+        # flags, checkpoint and data checked; local rank 0 tokenizes for its node, the others wait
+        plan = make_plan(args, "DDP-script-torchrun.py",
+                         launcher="torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "python")
     # NEW: torchrun tells each process who it is: RANK in the whole job, LOCAL_RANK on its node
-    main(int(os.environ["RANK"]), plan.world_size, plan, int(os.environ["LOCAL_RANK"]))
+    run_and_exit(int(os.environ["RANK"]), main, plan.world_size, plan, int(os.environ["LOCAL_RANK"]))

@@ -1,6 +1,7 @@
 """GPT-2 tokenizer (offline), token files that are prepared once and memory-mapped, the book's
 sliding-window dataset and `create_dataloader`, with the samplers DDP needs."""
 import base64
+import contextlib
 import functools
 import hashlib
 import os
@@ -134,29 +135,54 @@ def prepare_tokens(data=None, cache_dir=None):
     """Tokenize `data` (default: the shipped text) once into a uint16 token file and memory-map it,
     so that all processes on a node share one copy in the page cache.
 
-    Documents are joined with <|endoftext|>. Safe when several processes call it at once: each
-    writes a temporary file and renames it into place, and the content-keyed name means any
-    finished file is the right one."""
+    Documents are joined with <|endoftext|>. Safe when several processes call it at once: the
+    processes of a node take turns (a file lock), so one tokenizes and the others find its file;
+    where there is no lock each writes a temporary file and renames it into place, and the
+    content-keyed name means any finished file is the right one."""
     raws = [_read_text(f) for f in text_files(data or DEFAULT_DATA)]
     path = _cache_path(raws, cache_dir)
-    if not path.exists():
-        tokenizer = get_tokenizer()
-        parts = []
-        for i, raw in enumerate(raws):
-            if i:
-                parts.append(np.array([EOT_ID], dtype=np.uint16))
-            parts.append(encode_text(raw.decode("utf-8"), tokenizer))
-        tokens = np.concatenate(parts)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-            with os.fdopen(fd, "wb") as out:
-                tokens.tofile(out)
-            os.replace(tmp, path)
-        except OSError as e:
-            raise DataError(f"cannot write the token cache in {path.parent}: {e.strerror} "
-                            f"(pass --cache-dir with a writable folder)") from None
+    if path.exists():
+        return np.memmap(path, dtype=np.uint16, mode="r")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _one_at_a_time(path.parent):
+            if not path.exists():
+                tokens = _tokenize(raws)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+                with os.fdopen(fd, "wb") as out:
+                    tokens.tofile(out)
+                os.replace(tmp, path)
+    except OSError as e:
+        raise DataError(f"cannot write the token cache in {path.parent}: {e.strerror} "
+                        f"(pass --cache-dir with a writable folder)") from None
     return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def _tokenize(raws):
+    tokenizer = get_tokenizer()
+    parts = []
+    for i, raw in enumerate(raws):
+        if i:
+            parts.append(np.array([EOT_ID], dtype=np.uint16))
+        parts.append(encode_text(raw.decode("utf-8"), tokenizer))
+    return np.concatenate(parts)
+
+
+@contextlib.contextmanager
+def _one_at_a_time(folder):
+    """An exclusive lock on the cache folder while the block runs (fcntl: Linux and macOS; none
+    on Windows, where each process tokenizes for itself)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 def split_tokens(tokens, val_ratio=0.1):
@@ -174,6 +200,28 @@ def num_windows(n_tokens, max_length, stride):
 
 def tokens_needed(windows, max_length, stride):
     return (windows - 1) * stride + max_length + 1
+
+
+def check_windows(tokens, batch_size, world_size, max_length, stride, name):
+    """DataError unless `tokens` hold a batch of windows for each of world_size processes."""
+    need = batch_size * world_size
+    if num_windows(len(tokens), max_length, stride) < need:
+        raise DataError(
+            f"{name} has {len(tokens):,} tokens, but {need} window(s) of {max_length} tokens "
+            f"(batch {batch_size} x {world_size} process(es)) need "
+            f"{tokens_needed(need, max_length, stride):,}: lower --context-length or "
+            f"--batch-size, or pass more text with --data")
+
+
+def batches_per_rank(tokens, val_ratio, max_length, batch_size, world_size):
+    """Training batches per epoch that each rank gets from `tokens` as the scripts load them
+    (split by val_ratio; windows every max_length tokens; a DistributedSampler that drops the
+    remainder), after checking that both splits are long enough."""
+    train, val = split_tokens(tokens, val_ratio)
+    check_windows(train, batch_size, world_size, max_length, max_length, "the training split")
+    check_windows(val, 1, 1, max_length, max_length,
+                  f"the validation split (--val-ratio {val_ratio})")
+    return num_windows(len(train), max_length, max_length) // world_size // batch_size
 
 
 class GPTDataset(Dataset):
@@ -217,13 +265,8 @@ def create_dataloader(tokens, batch_size=4, max_length=256, stride=128, shuffle=
         num_replicas, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     world = num_replicas if distributed else 1
     dataset = GPTDataset(tokens, max_length, stride)
-    need = batch_size * world if drop_last else 1
-    if len(dataset) < need:
-        raise DataError(
-            f"{name} has {len(tokens):,} tokens, but {need} window(s) of {max_length} tokens "
-            f"(batch {batch_size if drop_last else 1} x {world if drop_last else 1} process(es)) "
-            f"need {tokens_needed(need, max_length, stride):,}: lower --context-length or "
-            f"--batch-size, or pass more text with --data")
+    check_windows(tokens, batch_size if drop_last else 1, world if drop_last else 1, max_length,
+                  stride, name)
     if not distributed:
         sampler = None
     elif drop_last:

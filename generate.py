@@ -7,9 +7,11 @@ import sys
 
 import torch
 
-from data import get_tokenizer
+from data import get_tokenizer, text_to_token_ids, token_ids_to_text
 from gpt_model import GPTModel, generate
-from run_support import ArgumentParser, UsageError, check_weights_fit
+from ddp_support.plan import ArgumentParser
+from ddp_support.process import UsageError
+from ddp_support.progress import check_weights_fit
 
 
 def parse_args(argv=None):
@@ -58,11 +60,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     tokenizer = get_tokenizer()
-    idx = torch.tensor([tokenizer.encode(args.prompt)])
-    out = generate(model, idx, args.max_new_tokens, model.cfg["context_length"],
+    out = generate(model, text_to_token_ids(args.prompt, tokenizer), args.max_new_tokens, model.cfg["context_length"],
                    temperature=args.temperature, top_k=args.top_k,
                    eos_id=tokenizer.eot_token, generator=torch.Generator().manual_seed(args.seed))
-    print(tokenizer.decode(out[0].tolist()))
+    print(token_ids_to_text(out, tokenizer))
     return 0
 
 

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -54,7 +55,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from book_model import BookGPTModel, book_loss_batch, book_optimizer  # noqa: E402
 from gpt_model import GPT_CONFIGS, GPTModel, count_parameters  # noqa: E402
-import run_support  # noqa: E402
+from ddp_support.plan import make_plan  # noqa: E402
+from ddp_support.process import usage_errors  # noqa: E402
+from ddp_support.workarounds import keep_freed_memory  # noqa: E402
 
 VOCAB = 50257
 RESULT_MARK = "BENCHMARK-RESULT "
@@ -136,7 +139,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("4. baseline")
     g.add_argument("--skip-baseline", action="store_true")
     g.add_argument("--ours-amp", choices=["off", "bf16", "fp16"], default=None,
-                   help="autocast of ours (default: what the scripts' plan_run picks here)")
+                   help="autocast of ours (default: what the scripts' make_plan picks here)")
     g.add_argument("--rounds", type=int, default=4, help="interleaved rounds (ours, baseline)")
     g.add_argument("--round-steps", type=int, default=2, help="steps of each model per round")
     p.add_argument("--report-from", default=None, metavar="PATH",
@@ -166,15 +169,15 @@ def load_script():
 
 
 def script_plan(script, device, preset, context, dropout):
-    """What the scripts' plan_run decides for one process on this device: amp and model config."""
+    """What the scripts' make_plan decides for one process on this device: amp and model config."""
     out = tempfile.mkdtemp(prefix="bench-plan-")
     try:
         argv = ["--device", device, "--nprocs", "1", "--model", preset, "--context-length",
                 str(context), "--out", os.path.join(out, "run")]
         if dropout is not None:
             argv += ["--dropout", str(dropout)]
-        plan = run_support.plan_run(script.parse_args(argv), launcher="benchmark")
-        return plan.amp, plan.model_config
+        plan = make_plan(script.parse_args(argv), "DDP-script.py", launcher="benchmark")
+        return plan.autocast, plan.model_config
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -370,8 +373,9 @@ class OursStep:
         torch.manual_seed(0)
         self.raw = GPTModel(spec["model_config"]).to(device)
         self.model = torch.compile(self.raw) if compile_model else self.raw
-        # the flags as parsed, with the book's learning rate (its default depends on the model)
-        self.optimizer = script.configure_optimizer(self.raw, script.parse_args(["--lr", "4e-4"]))
+        # the scripts' default weight decay, with the book's learning rate
+        self.optimizer = script.configure_optimizer(self.raw, types.SimpleNamespace(
+            peak_lr=4e-4, weight_decay=script.parse_args([]).weight_decay))
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["amp"])
         self.script, self.device, self.tf32 = script, device, spec["tf32"]
         self.model.train()
@@ -505,7 +509,7 @@ def worker(spec):
     device = torch.device(spec["device"])
     script = load_script()
     if device.type == "cpu":  # as ddp_setup does; in the interleaved run the baseline gains too
-        run_support.keep_freed_memory()
+        keep_freed_memory()
     x, y = random_batch(spec, device)
     tokens = spec["batch"] * spec["context"]
     clock = Clock(device)
@@ -986,7 +990,7 @@ def main(argv=None):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     script = load_script()
-    with run_support.usage_errors():  # the scripts' own checks: one line, exit code 2
+    with usage_errors():  # the scripts' own checks: one line, exit code 2
         plan_amp, model_config = script_plan(script, device, args.preset, args.context,
                                              args.dropout)
     ours_amp = args.ours_amp or plan_amp

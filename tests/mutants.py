@@ -33,12 +33,12 @@ MUTANTS = {
         "DDP-script-torchrun.py", "train_loader.sampler.set_epoch(epoch)", "pass",
         ["tests/test_torchrun.py::test_standalone_restart_resumes"]),
     "resume-in-first-epoch": (
-        "run_support.py", 'ckpt["step"], ckpt["epoch"], ckpt["tokens_seen"]',
-        'ckpt["step"], 0, ckpt["tokens_seen"]',
+        "ddp_support/progress.py", 'epoch, skip = ckpt["epoch"], ckpt["samples_in_epoch"]',
+        'epoch, skip = 0, ckpt["samples_in_epoch"]',
         ["tests/test_reliability.py::test_crash_while_writing_a_checkpoint"]),
     "replica-check-of-rank-0-only": (
-        "run_support.py", "dist.all_gather_object(digests, digest.hexdigest())",
-        "digests = [digest.hexdigest()] * world_size",
+        "DDP-script.py", "dist.all_gather_object(digests, weights_sha256(raw_model))",
+        "digests = [weights_sha256(raw_model)] * world_size",
         ["tests/test_ddp_script.py::test_replica_check_catches_a_replica_that_differs"]),
     "no-sync-removed": (
         "DDP-script.py", "with contextlib.nullcontext() if last_micro else model.no_sync():",
@@ -49,11 +49,11 @@ MUTANTS = {
         "return default_hooks.allreduce_hook(None, bucket)",
         ["tests/test_ddp_script.py::test_bf16_gradient_compression"]),
     "start-up-stop-not-passed-on": (
-        "run_support.py", "                if p.is_alive():\n                    os.kill(p.pid, stop[-1])",
+        "ddp_support/process.py", "                if p.is_alive():\n                    os.kill(p.pid, stop[-1])",
         "                pass",
         ["tests/test_stops.py::test_stop_while_the_workers_start"]),
     "save-through-torch-path": (
-        "run_support.py", 'with open(tmp, "wb") as f:\n            torch.save(payload, f)',
+        "ddp_support/progress.py", 'with open(tmp, "wb") as f:\n            torch.save(payload, f)',
         'with open(tmp + ".x", "wb") as f:\n            torch.save(payload, tmp)',
         ["tests/test_reliability.py::test_disk_full_while_saving"]),
 }

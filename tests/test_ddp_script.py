@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import (FAULTS, RESUME, RESUME_EPOCH_STEPS, RESUME_STEPS, ROOT, SPLITS, TINY,
+from conftest import (FAULTS, RESUME, RESUME_EPOCH_STEPS, RESUME_STEPS, ROOT, SPLITS, TINY, TORCHRUN,
                       free_port, load_weights, metrics, no_gpu, ok, one_error, records, run,
                       same_weights, weights_sha256)
 from gpt_model import GPT_CONFIGS, GPTModel
@@ -223,7 +223,7 @@ def test_resume_late_in_epoch_at_larger_world(tmp_path, token_cache):
 
 def test_torchrun_runs_without_spawning(runs, tmp_path, token_cache):
     """Under torchrun the script is one rank; same settings, same weights as mp.spawn."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    launcher = TORCHRUN + ["--standalone", "--nproc_per_node=2"]
     result = ok(run(TINY + SPLITS["2x4"][2:] + ["--out", tmp_path, "--max-steps", "10"],
                     token_cache, launcher=launcher))
     assert "started by a launcher" in result.stdout
@@ -365,7 +365,7 @@ def test_init_from_hugging_face_weights(tmp_path, token_cache):
 def test_checkpoint_keeps_tied_weights_as_one_tensor():
     """On a GPU each .cpu() call makes a new copy: the tied head and embedding must still be saved
     once (a tensor whose .cpu() copies, as a CUDA tensor's does, stands in for the GPU here)."""
-    from run_support import clean_state_dict
+    from ddp_support.progress import clean_state_dict
 
     class OnDevice(torch.Tensor):
         def cpu(self):
@@ -392,9 +392,8 @@ def script_module():
 
 
 def planned(script_module, argv, out):
-    import run_support as rs
-    plan = rs.plan_run(script_module.parse_args(argv + ["--out", str(out)]), launcher="test")
-    rs.plan_data(plan, script_module.build_loaders)
+    from ddp_support.plan import make_plan
+    plan = make_plan(script_module.parse_args(argv + ["--out", str(out)]), "DDP-script.py", "test")
     return plan
 
 
@@ -404,17 +403,17 @@ def test_defaults_follow_the_model(script_module, token_cache, tmp_path, monkeyp
     on any device; flags win over both."""
     monkeypatch.setenv("GPT_DDP_CACHE", str(token_cache))
     cpu = planned(script_module, ["--device", "cpu"], tmp_path / "a")
-    assert (cpu.model, cpu.context_length, cpu.lr, cpu.epochs) == ("gpt-mini", 128, 1e-3, 20)
+    assert (cpu.model, cpu.context_length, cpu.peak_lr, cpu.epochs) == ("gpt-mini", 128, 1e-3, 20)
     assert cpu.world_size == 2 and cpu.steps_per_epoch == 9 and cpu.total_steps == 180
-    assert (cpu.warmup_steps, cpu.min_lr) == (18, 1e-4)
+    assert (cpu.warmup_steps, cpu.final_lr) == (18, 1e-4)
 
     book = planned(script_module, ["--model", "book-124m", "--nprocs", "1"], tmp_path / "b")
-    assert (book.context_length, book.lr, book.epochs) == (256, 4e-4, 10)
-    assert (book.warmup_steps, book.min_lr) == (0, 4e-4)  # constant
+    assert (book.context_length, book.peak_lr, book.epochs) == (256, 4e-4, 10)
+    assert (book.warmup_steps, book.final_lr) == (0, 4e-4)  # constant
     assert book.steps_per_epoch == 9 and book.batch_size == 2
     assert not book.model_config.get("weight_tying") and book.model_config.get("init") is None
 
     mine = planned(script_module, ["--model", "gpt-mini", "--lr", "5e-4", "--epochs", "3",
                                    "--min-lr", "5e-4", "--warmup-steps", "0"], tmp_path / "c")
-    assert (mine.lr, mine.epochs, mine.warmup_steps, mine.min_lr) == (5e-4, 3, 0, 5e-4)
-    assert mine.as_dict()["lr"] == 5e-4  # what ckpt["args"] records
+    assert (mine.peak_lr, mine.epochs, mine.warmup_steps, mine.final_lr) == (5e-4, 3, 0, 5e-4)
+    assert mine.as_dict()["peak_lr"] == 5e-4  # what ckpt["args"] records

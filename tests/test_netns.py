@@ -82,13 +82,17 @@ def empty(link):
     return not link.pids(0) and not link.pids(1)
 
 
+# The files of the script and its support modules, as a traceback names them.
+OWN_FILES = [SCRIPT] + [f"ddp_support{os.sep}{p.name}" for p in (ROOT / "ddp_support").glob("*.py")]
+
+
 def error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 def own_traceback(stderr):
     """A traceback through the script's own files (torchrun's agent may print its own)."""
-    return f'{SCRIPT}", line' in stderr or 'run_support.py", line' in stderr
+    return any(f'{name}", line' in stderr for name in OWN_FILES)
 
 
 @pytest.fixture(scope="session")
@@ -295,7 +299,7 @@ def test_link_cut_mid_run_ends_every_rank(link, tmp_path, tmpdir_env, token_cach
     assert not (out / "model.pt").exists()
 
     stderr = [r.stderr for r in results]
-    own = [s for s in stderr if f'{SCRIPT}", line' in s or 'run_support.py", line' in s]
+    own = [s for s in stderr if own_traceback(s)]
     assert not own, "\n".join(stderr)  # torchrun's agent prints its own summary, the script none
     for rank, s in enumerate(stderr):  # node i runs global rank i
         assert "exitcode  : 1" in s, s  # the worker's: a rank lost

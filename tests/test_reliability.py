@@ -202,9 +202,9 @@ def test_network_interface_that_does_not_exist(tmp_path, token_cache):
 def test_ctrl_c_before_the_workers_start(capsys):
     """Ctrl-C while the flags are checked or the text is tokenized (in the parent, before any
     worker exists): one line and exit 130, not a KeyboardInterrupt traceback."""
-    import run_support as rs
+    from ddp_support.process import usage_errors
     with pytest.raises(SystemExit) as stopped:
-        with rs.usage_errors():
+        with usage_errors():
             raise KeyboardInterrupt
     assert stopped.value.code == 130
     assert capsys.readouterr().out == "stopped by SIGINT before training began; nothing was saved\n"

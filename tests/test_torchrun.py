@@ -1,12 +1,13 @@
 """DDP-script-torchrun.py under real torchrun processes: one node, two nodes on loopback, restarts."""
 import os
+import re
 import signal
 import subprocess
 import time
 
 import torch
 
-from conftest import (FAULTS, RESUME, RESUME_EPOCH_STEPS, RESUME_STEPS, SPLITS, TINY, TORCHRUN,
+from conftest import (ROOT, FAULTS, RESUME, RESUME_EPOCH_STEPS, RESUME_STEPS, SPLITS, TINY, TORCHRUN,
                       drop_nprocs, finish, free_port, ok, run, same_weights, script_env, start)
 
 SCRIPT = "DDP-script-torchrun.py"
@@ -153,3 +154,23 @@ def test_nodes_with_different_snapshots_refuse_to_train(runs, tmp_path, token_ca
     assert "(steps 4 to 10)" in stderr
     assert files() == before  # not even the log is trimmed
     assert not any((o / "model.pt").exists() for o in outs)
+
+
+def test_nodes_with_different_text_are_refused(tmp_path, token_cache):
+    """Nodes tokenize their own copy of --data (they need not share a filesystem): if their texts
+    differ, every node says so in one line and exits 2 before the first step, instead of
+    training with epochs of different lengths."""
+    longer = tmp_path / "longer.txt"
+    longer.write_text((ROOT / "assets" / "the-verdict.txt").read_text() * 2)
+    agents = two_nodes(TINY + ["--out", tmp_path / "out", "--max-steps", "4"], token_cache, 1,
+                       node_args=((), ("--data", longer)))
+    for node, agent in enumerate(agents):
+        result = finish(agent, 120)
+        lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+        assert result.returncode == 1 and "exitcode  : 2" in result.stderr, result.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: the nodes hold different text ("), (
+            result.stderr)
+        assert re.search(r"\(5,\d{3} to 10,\d{3} tokens\): pass the same --data on every node$",
+                         lines[0]), lines[0]
+        assert 'DDP-script-torchrun.py", line' not in result.stderr
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
