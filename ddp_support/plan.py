@@ -109,9 +109,10 @@ def argument_parser(doc):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What the run does, decided once before training: no flag is read after this. Fields named
-    as a flag hold that flag's value; the others are decisions (the flag they come from, if
-    any, in the comment)."""
+    """What the run does, decided once before training: no flag is read after this. A field named
+    as a flag holds what that flag sets; where the flag was left out, the model's recipe or the
+    checkpoint fills it in (the comment says so). A decision that is more than its flag has a
+    name of its own: device_type, autocast, peak_lr, final_lr, resume_from."""
     script: str              # DDP-script.py or DDP-script-torchrun.py
     launcher: str            # who started the processes: mp.spawn, torchrun, a launcher, python
     device_type: str         # "cuda" or "cpu" (from --device)
