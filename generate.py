@@ -8,7 +8,7 @@ import sys
 import torch
 
 from data import get_tokenizer, text_to_token_ids, token_ids_to_text
-from gpt_model import GPTModel, generate
+from gpt_model import GPTModel, generate, load_weights
 from ddp_support.plan import ArgumentParser
 from ddp_support.process import UsageError
 from ddp_support.progress import check_weights_fit
@@ -47,9 +47,7 @@ def load_model(path):
         raise UsageError(f"{path} is not a model.pt or ckpt.pt of DDP-script.py: it holds no "
                          f"model config and weights")
     check_weights_fit(saved, path, fix="use the version of this repository that wrote it")
-    model = GPTModel(saved["config"])
-    model.load_state_dict(saved["model"])
-    return model.eval()
+    return load_weights(GPTModel(saved["config"]), saved["model"]).eval()
 
 
 def main(argv=None):

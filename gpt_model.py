@@ -119,6 +119,8 @@ class GPTModel(nn.Module):
 
     Set `cfg["pad_vocab_multiple"] = 64` to give the embedding table and output matmul a width that
     GPU kernels like (50257 -> 50304); the extra rows are never returned, so they never win a sample.
+    They are zeros added after the real rows are drawn, so the same seed gives the same weights
+    with or without them, and saved weights leave them out (`unpadded`, `load_weights`).
     """
 
     def __init__(self, cfg):
@@ -127,7 +129,7 @@ class GPTModel(nn.Module):
         init = cfg.get("init", "pytorch")
         if init not in ("pytorch", "gpt2"):
             raise ValueError(f'cfg["init"] is "pytorch" (the book) or "gpt2", not {init!r}')
-        vocab = padded_vocab_size(cfg)
+        vocab = cfg["vocab_size"]  # the rows drawn from the random stream; padding comes later
         self.tok_emb = nn.Embedding(vocab, cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
@@ -144,6 +146,19 @@ class GPTModel(nn.Module):
             for block in self.trf_blocks:
                 nn.init.normal_(block.att.out_proj.weight, mean=0.0, std=std)
                 nn.init.normal_(block.ff.layers[2].weight, mean=0.0, std=std)
+        self._pad_vocab(padded_vocab_size(cfg) - vocab)
+
+    def _pad_vocab(self, rows):
+        """Append `rows` zero rows to the token embedding and the output head (once if tied)."""
+        if not rows:
+            return
+        tied = self.out_head.weight is self.tok_emb.weight
+        heads = (self.tok_emb,) if tied else (self.tok_emb, self.out_head)
+        for module in heads:
+            w = module.weight.detach()
+            module.weight = nn.Parameter(torch.cat([w, w.new_zeros(rows, w.shape[1])]))
+        if tied:
+            self.out_head.weight = self.tok_emb.weight
 
     @staticmethod
     def _init_weights(module):
@@ -168,6 +183,30 @@ class GPTModel(nn.Module):
         if logits.shape[-1] != self.cfg["vocab_size"]:
             logits = logits[..., :self.cfg["vocab_size"]]  # drop the padding rows
         return logits
+
+
+VOCAB_ROWS = ("tok_emb.weight", "out_head.weight")  # the tensors with a row per token
+
+
+def unpadded(name, tensor, vocab_size):
+    """A tensor of a state dict without the vocabulary's padding rows (a view: clone to save)."""
+    return tensor[:vocab_size] if name in VOCAB_ROWS and tensor.shape[0] > vocab_size else tensor
+
+
+def load_weights(model, state):
+    """Load a state dict saved without padding rows (or with them) into `model`, padded or not."""
+    own = model.state_dict()
+    state = {k: pad_rows(v, own[k].shape[0]) if k in VOCAB_ROWS and k in own else v
+             for k, v in state.items()}
+    model.load_state_dict(state)
+    return model
+
+
+def pad_rows(tensor, rows):
+    """tensor[:rows], or tensor with zero rows added up to `rows`."""
+    if tensor.shape[0] >= rows:
+        return tensor[:rows]
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
 def count_parameters(model, exclude_position_embedding=False):
@@ -280,7 +319,7 @@ def load_hf_gpt2(model, path):
     with torch.no_grad():
         for name, tensor in ours.items():
             target = own[name]
-            if name == "tok_emb.weight":  # padded rows (if any) keep their init
+            if name == "tok_emb.weight":  # padded rows (if any) stay zero
                 target = target[:tensor.shape[0]]
             if target.shape != tensor.shape:
                 raise ValueError(f"{name}: checkpoint has shape {tuple(tensor.shape)}, "

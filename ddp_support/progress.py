@@ -12,7 +12,7 @@ import time
 import torch
 
 from ddp_support.process import TrainingError, UsageError
-from gpt_model import GPTModel
+from gpt_model import GPTModel, load_weights, pad_rows, unpadded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +81,12 @@ def check_weights_fit(ckpt, path, fix="resume with the version that wrote it, or
                                       "fresh run with another --out"):
     """A checkpoint whose weights this gpt_model.py would not load (other names or shapes, as
     written by an older version of it) is refused before any process starts."""
-    with torch.device("meta"):
-        expected = GPTModel(ckpt["config"]).state_dict()
+    with torch.device("meta"):  # saved without the padding rows a GPU run adds (older: with)
+        expected = GPTModel({**ckpt["config"], "pad_vocab_multiple": None}).state_dict()
+        padded = GPTModel(ckpt["config"]).state_dict()
     saved = ckpt["model"]
-    if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in saved):
+    if set(saved) != set(expected) or any(saved[k].shape not in (expected[k].shape, padded[k].shape)
+                                          for k in saved):
         raise UsageError(f"{path} holds weights this gpt_model.py cannot load (other parameter "
                          f"names or shapes, e.g. from an older version of it): {fix}")
 
@@ -92,7 +94,8 @@ def check_weights_fit(ckpt, path, fix="resume with the version that wrote it, or
 def save_snapshot(plan, position, raw_model, optimizer, scheduler, scaler):
     """Rank 0: ckpt.pt, to resume from `position`."""
     save_checkpoint(plan.ckpt_path, {
-        "model": clean_state_dict(raw_model), "optimizer": optimizer.state_dict(),
+        "model": clean_state_dict(raw_model), "optimizer": vocab_rows(
+            optimizer.state_dict(), raw_model.tok_emb.weight.shape[0], plan.model_config["vocab_size"]),
         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "step": position.step, "epoch": position.epoch, "tokens_seen": position.tokens_seen,
         "samples_in_epoch": position.steps_into_epoch * plan.global_batch,
@@ -104,10 +107,12 @@ def load_snapshot(plan, raw_model, optimizer, scheduler, scaler, device):
     """Every rank: restore the state in plan.resume_from; returns (position, the world size it
     was saved at)."""
     ckpt = torch.load(plan.resume_from, map_location=device, weights_only=True)
-    raw_model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_weights(raw_model, ckpt["model"])
+    optimizer.load_state_dict(vocab_rows(ckpt["optimizer"], plan.model_config["vocab_size"],
+                                         raw_model.tok_emb.weight.shape[0]))
     scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"]:  # empty when saved without fp16: an fp16 run then starts a fresh scale
+        scaler.load_state_dict(ckpt["scaler"])
     # Skip what the epoch already consumed, counted in optimizer steps of this run.
     epoch, skip = ckpt["epoch"], ckpt["samples_in_epoch"] // plan.global_batch
     if skip >= plan.steps_per_epoch:  # less than one step of this run is left there
@@ -135,14 +140,27 @@ def save_checkpoint(path, payload):
 
 def clean_state_dict(raw_model):
     """The weights on the CPU, each tensor copied once: the tied head and token embedding stay
-    one tensor, so a GPU run's files hold it once, as a CPU run's do."""
-    copies, state = {}, {}
+    one tensor, so a GPU run's files hold it once, as a CPU run's do; without the vocabulary's
+    padding rows, so a GPU run's files hold 50257 rows, as a CPU run's (and the book's) do."""
+    copies, state, vocab = {}, {}, raw_model.cfg["vocab_size"]
     for name, t in raw_model.state_dict().items():
         key = (t.data_ptr(), t.dtype, t.shape)
         if key not in copies:
-            copies[key] = t.detach().cpu()
+            real = unpadded(name, t.detach(), vocab)
+            copies[key] = real.cpu().clone() if real.shape != t.shape else real.cpu()
         state[name] = copies[key]
     return state
+
+
+def vocab_rows(optimizer_state, rows, to_rows):
+    """An optimizer state dict whose per-token moments (AdamW's, of the token embedding and the
+    head: 2-D, `rows` rows) are cut or zero-padded to `to_rows`; the optimizer's own is untouched."""
+    if rows == to_rows:
+        return optimizer_state
+    resized = {i: {k: pad_rows(t, to_rows).clone()
+                   if torch.is_tensor(t) and t.dim() == 2 and t.shape[0] == rows else t
+                   for k, t in entry.items()} for i, entry in optimizer_state["state"].items()}
+    return {**optimizer_state, "state": resized}
 
 
 def weights_sha256(raw_model):
