@@ -84,7 +84,7 @@ def build_model(plan, device, ddp_group):
         model = torch.compile(model)
     # NEW: DDP broadcasts rank 0's weights, then all-reduces gradient buckets during backward
     model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                gradient_as_bucket_view=True,  # gradients live in the buckets: no extra copy
+                gradient_as_bucket_view=True,  # gradients are views of the buckets: no copy
                 process_group=ddp_group)
     return model, raw_model
 
@@ -206,7 +206,7 @@ def train(model, raw_model, optimizer, scheduler, scaler, train_loader, val_load
                 raw_model.parameters(), plan.max_norm if plan.max_norm > 0 else float("inf"))
             scaler.step(optimizer)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)  # zeroed in place: still DDP's bucket views
             scheduler.step()
             step, tokens_seen = step + 1, tokens_seen + plan.tokens_per_step
             epoch_end, done = i == plan.steps_per_epoch - 1, step == plan.total_steps

@@ -80,15 +80,20 @@ def abort_process_group():
     getattr(dist.distributed_c10d, "_abort_process_group", dist.destroy_process_group)()
 
 
-# torch raises most failures of a collective as a plain RuntimeError (or DistError), so they are
-# told apart by their text: Gloo's and NCCL's messages as seen on torch 2.11 to 2.14.1.
+# torch raises most failures of a collective as a plain RuntimeError (or DistBackendError), so
+# they are told apart by their text: Gloo's messages as seen here, NCCL's as they stand in
+# libtorch_cuda.so of torch 2.11.0 and 2.14.1 (ProcessGroupNCCL and its watchdog).
 LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                   "NCCL communicator was aborted")
+                   "NCCL communicator was aborted", "ncclRemoteError", "ncclSystemError",
+                   "remote process exiting prematurely")
+TIMEOUT_SIGNS = ("Timed out waiting",  # Gloo
+                 "Watchdog caught collective operation timeout", "timed out in blocking wait",
+                 "NCCL timeout in")  # NCCL
 
 
 def timed_out(error):
-    """A collective in which nothing arrived within the process group's timeout (Gloo)."""
-    return "Timed out waiting" in str(error)
+    """A collective in which nothing arrived within the process group's timeout."""
+    return any(s in str(error) for s in TIMEOUT_SIGNS)
 
 
 def peer_lost(error):

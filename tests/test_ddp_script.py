@@ -97,6 +97,17 @@ def ddp_buckets(probed):
     return finals[0][0]["buckets"]
 
 
+def test_gradients_stay_in_ddps_buckets(runs):
+    """gradient_as_bucket_view=True makes each gradient a view of DDP's bucket, so backward adds
+    into the bucket and DDP copies nothing; zero_grad(set_to_none=False) keeps it so. (With
+    set_to_none=True every step's gradients would be new tensors that DDP copies in.)"""
+    _, result = runs("2x4", SPLITS["2x4"])
+    buckets = {rank: rows[-1]["buckets"] for rank, rows in records(result.probe, "final").items()}
+    for rank, rows in records(result.probe, "zero_grad").items():
+        assert len(rows) == 10 and all(r["kept"] for r in rows), rows
+        assert {r["storages"] for r in rows} == {len(buckets[rank])}, (rows, buckets)
+
+
 def test_one_all_reduce_round_per_step(runs):
     """Each optimizer step all-reduces each of DDP's buckets once, also with accumulation 4
     (no_sync keeps the first three micro-batches' gradients local); the log's figures are those."""

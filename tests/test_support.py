@@ -189,3 +189,34 @@ def test_detail_mode_trains_as_usual(runs, tmp_path, token_cache):
                   TORCH_DISTRIBUTED_DEBUG="DETAIL")
     assert checked.returncode == 0, checked.stderr
     assert same_weights(runs("2x4", SPLITS["2x4"])[0], tmp_path)
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 8000ms for recv operation",
+     "timeout"),
+    ("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=12, "
+     "OpType=ALLREDUCE, NumelIn=2, NumelOut=2, Timeout(ms)=600000) ran for 600010 milliseconds",
+     "timeout"),
+    ("[Rank 0] Work WorkNCCL(SeqNum=7, OpType=ALLREDUCE) timed out in blocking wait.", "timeout"),
+    ("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:48123", "lost"),
+    ("NCCL error in: ../ProcessGroupNCCL.cpp:2100, remote process exited or there was a network "
+     "error, NCCL version 2.27.5\nncclRemoteError: A call failed possibly due to a network error "
+     "or a remote process exiting prematurely.", "lost"),
+    ("NCCL communicator was aborted on rank 1.", "lost"),
+    ("CUDA error: an illegal memory access was encountered", None),
+])
+def test_collective_errors_are_told_apart(text, kind, monkeypatch):
+    """Gloo's and NCCL's messages (NCCL's as libtorch_cuda.so of torch 2.11 and 2.14.1 holds
+    them) become the scripts' lines; any other error is left to show its traceback."""
+    from ddp_support import process
+    monkeypatch.setattr(process.time, "sleep", lambda s: None)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    line = process.collective_error(RuntimeError(text), 1, 2, 600)
+    if kind == "timeout":
+        assert line.startswith("error: rank 1 lost contact with another rank: nothing arrived "
+                               "within --timeout 600s: most often the ranks fell out of step")
+    elif kind == "lost":
+        assert line == ("error: rank 1 lost contact with another rank, which failed or was "
+                        "killed: see that rank's error")
+    else:
+        assert line is None

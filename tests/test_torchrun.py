@@ -174,3 +174,15 @@ def test_nodes_with_different_text_are_refused(tmp_path, token_cache):
                          lines[0]), lines[0]
         assert 'DDP-script-torchrun.py", line' not in result.stderr
     assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_a_slow_tokenization_is_not_a_collective_timeout(tmp_path, token_cache):
+    """The text takes longer to tokenize than --timeout: one process of the node tokenizes while
+    the other waits for its token file (a lock, not a collective), so no collective times out."""
+    result = run(TINY + ["--out", tmp_path / "out", "--max-steps", "2", "--timeout", "3",
+                         "--cache-dir", tmp_path / "cache"], token_cache, script=SCRIPT,
+                 launcher=TORCHRUN + ["--standalone", "--nproc_per_node=2"], PYTHONPATH=FAULTS,
+                 GPT_DDP_FAULT="slow-tokenize:6")
+    ok(result)
+    assert "done: 2 steps" in result.stdout
+    assert len(list((tmp_path / "cache").glob("tokens-*.u16"))) == 1

@@ -12,6 +12,7 @@ GPT_DDP_FAULT selects one fault:
     perturb:RANK:STEP   the rank adds 1e-3 to one weight in its STEP-th step: its replica differs
     kill-in-save:N      the process writing its N-th checkpoint is SIGKILLed halfway through
     fake-gpus:N         torch says that N CUDA GPUs (compute capability 8.0) are visible
+    slow-tokenize:S     tokenizing a text takes S seconds longer (data.encode_text sleeps first)
 
 ("the STEP-th step" counts calls of torch.nn.utils.clip_grad_norm_, once per optimizer step.)
 
@@ -22,6 +23,8 @@ GPT_DDP_PROBE=DIR records, for each rank, in DIR/rank-R.jsonl, one JSON object a
     {"kind": "allreduce", "step": S, "dtype": ..., "numel": N, "bytes": B}   every dist.all_reduce
     {"kind": "grad_norm", "step": S, "value": ...}   what clip_grad_norm_ returned (pre-clip norm)
     {"kind": "order", "epoch": E, "indices": [...]}  each DistributedSampler pass, its indices
+    {"kind": "zero_grad", "step": S, "kept": bool, "storages": N}   after each zero_grad: whether
+        every parameter still has a gradient, and in how many storages the gradients lie
     {"kind": "final", "sha256": ..., "buckets": [...], "steps": S}   at destroy_process_group: the
         hash of the DDP-wrapped module's weights on this rank, DDP's gradient bucket sizes
 S is the optimizer step under way, from 1 (DDP's bucket all-reduces of step S run in its backward,
@@ -93,6 +96,15 @@ if (FAULT or PROBE) and "resource_tracker" not in ARGV:
             return real_all_reduce(tensor, *args, **kwargs)
         dist.all_reduce = all_reduce
 
+        real_zero_grad = torch.optim.Optimizer.zero_grad
+
+        def zero_grad(self, *args, **kwargs):
+            real_zero_grad(self, *args, **kwargs)
+            grads = [p.grad for group in self.param_groups for p in group["params"]]
+            record(kind="zero_grad", step=calls["clip"], kept=all(g is not None for g in grads),
+                   storages=len({g.untyped_storage().data_ptr() for g in grads if g is not None}))
+        torch.optim.Optimizer.zero_grad = zero_grad
+
         real_iter = DistributedSampler.__iter__
 
         def sampler_iter(self):
@@ -139,6 +151,17 @@ if (FAULT or PROBE) and "resource_tracker" not in ARGV:
                     os.kill(os.getpid(), signal.SIGKILL)
             return real_save(obj, f, *args, **kwargs)
         torch.save = save
+
+    if kind == "slow-tokenize":
+        import time
+
+        import data
+        real_encode = data.encode_text
+
+        def encode_text(*args, **kwargs):
+            time.sleep(float(params[0]))
+            return real_encode(*args, **kwargs)
+        data.encode_text = encode_text
 
     if kind == "fake-gpus":
         n_gpus = int(params[0])
