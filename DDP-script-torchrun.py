@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # NEW: the wrapper
 
 from data import (create_dataloader, get_tokenizer, prepare_tokens, split_tokens, text_to_token_ids,
                   token_ids_to_text)
-from ddp_support.plan import argument_parser, make_plan
+from ddp_support.plan import AUTOCASTS, argument_parser, check_same_start, make_plan
 from ddp_support.process import (TrainingError, UsageError, check_finite, master_port,
                                  run_and_exit, setup_errors, stop_signal, tune_process,
                                  usage_errors)
@@ -249,13 +249,6 @@ def main(rank, world_size, plan, local_rank=None):  # NEW: runs in every process
     """One process: set up, train, save, leave. Returns 0, or 128 + the signal that stopped it."""
     local_rank = rank if local_rank is None else local_rank  # one machine: the same
     device, stop_group, ddp_group = ddp_setup(rank, local_rank, world_size, plan)
-    # Each node tokenized its own copy of the text (nodes need not share a filesystem).
-    n_tokens = torch.tensor([plan.n_tokens, -plan.n_tokens], device=device)
-    dist.all_reduce(n_tokens, op=dist.ReduceOp.MAX)  # NEW: every rank: the same text?
-    most, fewest = n_tokens[0].item(), -n_tokens[1].item()
-    if most != fewest:
-        raise UsageError(f"the nodes hold different text ({fewest:,} to {most:,} tokens): pass the "
-                         f"same --data on every node")
     model, raw_model = build_model(plan, device, ddp_group)
     if rank == 0:
         print_plan(plan, count_parameters(raw_model))
@@ -267,14 +260,11 @@ def main(rank, world_size, plan, local_rank=None):  # NEW: runs in every process
     model.register_comm_hook(comm, counting_allreduce_hook)  # NEW: count (or compress) all-reduces
     start, saved_world = (load_snapshot(plan, raw_model, optimizer, scheduler, scaler, device)
                           if plan.resume_from else (Position(), world_size))
-    # Each rank read --out itself: nodes that do not share it may hold different snapshots.
-    where = torch.tensor([start.step, -start.step], device=device)
-    dist.all_reduce(where, op=dist.ReduceOp.MAX)  # NEW: every rank: the same snapshot?
-    highest, lowest = where[0].item(), -where[1].item()
-    if highest != lowest:
-        raise UsageError(f"the ranks found different snapshots in --out {plan.out} (steps {lowest} "
-                         f"to {highest}): --out must be a folder that every node shares, or start "
-                         f"a fresh run with a new --out")
+    # Each node made its own plan (its --out, its text, its GPUs): do all ranks start alike?
+    mine = torch.tensor([start.step, plan.n_tokens, AUTOCASTS.index(plan.autocast)], device=device)
+    extremes = torch.cat([mine, -mine])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # NEW: every rank: the same start?
+    check_same_start(plan, lowest=(-extremes[3:]).tolist(), highest=extremes[:3].tolist())
     log = Log(plan, start, comm)
     if rank == 0:
         log.begin(start, saved_world)

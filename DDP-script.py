@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # NEW: the wrapper
 
 from data import (create_dataloader, get_tokenizer, prepare_tokens, split_tokens, text_to_token_ids,
                   token_ids_to_text)
-from ddp_support.plan import argument_parser, make_plan
-from ddp_support.process import (TrainingError, UsageError, check_finite, ignore_stop_signals,
+from ddp_support.plan import AUTOCASTS, argument_parser, check_same_start, make_plan
+from ddp_support.process import (TrainingError, check_finite, ignore_stop_signals,
                                  launched_by_launcher, master_port, run_and_exit, setup_errors,
                                  stop_signal, supervise, tune_process, usage_errors)
 from ddp_support.progress import (Log, Position, load_snapshot, print_plan, save_snapshot,
@@ -261,14 +261,11 @@ def main(rank, world_size, plan, local_rank=None):  # NEW: runs in every process
     model.register_comm_hook(comm, counting_allreduce_hook)  # NEW: count (or compress) all-reduces
     start, saved_world = (load_snapshot(plan, raw_model, optimizer, scheduler, scaler, device)
                           if plan.resume_from else (Position(), world_size))
-    # Each rank read --out itself: nodes that do not share it may hold different snapshots.
-    where = torch.tensor([start.step, -start.step], device=device)
-    dist.all_reduce(where, op=dist.ReduceOp.MAX)  # NEW: every rank: the same snapshot?
-    highest, lowest = where[0].item(), -where[1].item()
-    if highest != lowest:
-        raise UsageError(f"the ranks found different snapshots in --out {plan.out} (steps {lowest} "
-                         f"to {highest}): --out must be a folder that every node shares, or start "
-                         f"a fresh run with a new --out")
+    # Each node made its own plan (its --out, its text, its GPUs): do all ranks start alike?
+    mine = torch.tensor([start.step, plan.n_tokens, AUTOCASTS.index(plan.autocast)], device=device)
+    extremes = torch.cat([mine, -mine])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # NEW: every rank: the same start?
+    check_same_start(plan, lowest=(-extremes[3:]).tolist(), highest=extremes[:3].tolist())
     log = Log(plan, start, comm)
     if rank == 0:
         log.begin(start, saved_world)

@@ -9,8 +9,7 @@ import torch
 
 from data import get_tokenizer, text_to_token_ids, token_ids_to_text
 from gpt_model import GPTModel, generate, load_weights
-from ddp_support.plan import ArgumentParser
-from ddp_support.process import UsageError
+from ddp_support.process import ArgumentParser, UsageError
 from ddp_support.progress import check_weights_fit
 
 

@@ -1,6 +1,5 @@
 """The flags both scripts take, and the plan: every decision and check that can be made before
 training starts, from the flags, the data and the checkpoint, made once (`make_plan`)."""
-import argparse
 import dataclasses
 import os
 import sys
@@ -9,23 +8,13 @@ import torch
 import torch.distributed as dist
 
 from data import batches_per_rank, prepare_tokens
-from ddp_support.process import UsageError, launched_by_launcher
+from ddp_support.process import ArgumentParser, HelpFormatter, UsageError, launched_by_launcher
 from ddp_support.progress import check_weights_fit, snapshot_to_resume
+from ddp_support.workarounds import cpu_has_bf16
 from gpt_model import GPT_CONFIGS, hf_gpt2_config
 
 SPAWN_SCRIPT = "DDP-script.py"  # the script that starts its own processes (--nprocs)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # show "(default: ...)" unless the help says it already
-        text = action.help or ""
-        return text if "default" in text else super()._get_help_string(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage text
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+AUTOCASTS = ("off", "bf16", "fp16")  # Plan.autocast, as a number the ranks can compare
 
 
 # What the flags leave open. A bare `python DDP-script.py` trains DEFAULT_MODEL; each model trains
@@ -219,7 +208,9 @@ def make_plan(args, script, launcher):
         if device == "cuda":
             # Ampere (compute capability 8) and later compute bf16; is_bf16_supported() also
             # says yes on older GPUs that emulate it slowly, and allocates on GPU 0 to find out.
-            autocast = "bf16" if torch.cuda.get_device_capability(0)[0] >= 8 else "fp16"
+            # The oldest of this node's GPUs that the job uses decides: one precision for all.
+            oldest = min(torch.cuda.get_device_capability(i)[0] for i in range(procs_here))
+            autocast = "bf16" if oldest >= 8 else "fp16"
         else:  # bf16 where the CPU computes it natively (AVX512-BF16, AMX), else fp32
             autocast = "bf16" if cpu_has_bf16() else "off"
     if autocast == "fp16" and device != "cuda":
@@ -295,6 +286,18 @@ def make_plan(args, script, launcher):
         sample_tokens=args.sample_tokens)
 
 
-def cpu_has_bf16():
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+def check_same_start(plan, lowest, highest):
+    """After the ranks compared (step resumed from, tokens of the text, precision): one line
+    naming what differs between them, if anything does."""
+    (step_lo, tokens_lo, amp_lo), (step_hi, tokens_hi, amp_hi) = lowest, highest
+    if tokens_lo != tokens_hi:
+        raise UsageError(f"the nodes hold different text ({tokens_lo:,} to {tokens_hi:,} tokens): "
+                         f"pass the same --data on every node")
+    if amp_lo != amp_hi:
+        raise UsageError(f"the ranks chose different precisions ({AUTOCASTS[amp_lo]} and "
+                         f"{AUTOCASTS[amp_hi]}; --amp auto goes by each node's GPUs): pass the "
+                         f"same --amp on every node (fp16 runs on every GPU)")
+    if step_lo != step_hi:
+        raise UsageError(f"the ranks found different snapshots in --out {plan.out} (steps "
+                         f"{step_lo} to {step_hi}): --out must be a folder that every node shares, "
+                         f"or start a fresh run with a new --out")

@@ -4,6 +4,7 @@ signals, one-line errors and exit codes, and the parent that supervises mp.spawn
 Exit codes: 0 done; 2 bad input; 3 training cannot go on (diverged, a full disk, replicas that
 differ); 1 another rank was lost; 128 + signal after a stop by SIGINT (130) or SIGTERM (143).
 """
+import argparse
 import contextlib
 import math
 import os
@@ -55,6 +56,18 @@ def check_finite(value, step, plan, what="gradient norm"):
 
 # ---------------------------------------------------------------------------------------------
 # Before the workers: bad input, the port
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # show "(default: ...)" unless the help says it already
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage text
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
 
 def launched_by_launcher():
     """torchrun and torch.distributed.launch set these for every process they start."""

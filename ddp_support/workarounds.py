@@ -8,6 +8,7 @@ bug, its workaround can go.
 - `peer_lost`, `timed_out`, `out_of_step`: telling torch's errors apart by their messages' text;
 - `ddp_group_for_debug`: DDP crashes under TORCH_DISTRIBUTED_DEBUG=DETAIL with Gloo;
 - `keep_freed_memory`: glibc's malloc unmaps and re-zeroes every large block, every step;
+- `cpu_has_bf16`: asks torch's private CPU-feature checks;
 - `still_ignores`: the one way to learn whether a child has set its signal handlers yet.
 """
 import ctypes
@@ -17,6 +18,7 @@ import platform
 import sys
 import time
 
+import torch
 import torch.distributed as dist
 
 
@@ -149,3 +151,10 @@ def still_ignores(pid, signum):
     except (OSError, StopIteration):
         return False
     return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16, AMX): torch asks it only through
+    private functions (torch.cpu._is_avx512_bf16_supported, ...; present in 2.11 to 2.14.1)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)

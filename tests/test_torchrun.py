@@ -176,6 +176,20 @@ def test_nodes_with_different_text_are_refused(tmp_path, token_cache):
     assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
+def test_nodes_with_different_precisions_are_refused(tmp_path, token_cache):
+    """Each node's plan picks its precision (--amp auto: by its own GPUs): ranks that would mix
+    bf16 and fp32 (or fp16) in one all-reduce stop before the first step, one line a node."""
+    agents = two_nodes(TINY + ["--out", tmp_path / "out", "--max-steps", "4"], token_cache, 1,
+                       node_args=(("--amp", "off"), ("--amp", "bf16")))
+    for agent in agents:
+        result = finish(agent, 120)
+        lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+        assert result.returncode == 1 and "exitcode  : 2" in result.stderr, result.stderr
+        assert lines == ["error: the ranks chose different precisions (off and bf16; --amp auto "
+                         "goes by each node's GPUs): pass the same --amp on every node (fp16 runs "
+                         "on every GPU)"], result.stderr
+
+
 def test_a_slow_tokenization_is_not_a_collective_timeout(tmp_path, token_cache):
     """The text takes longer to tokenize than --timeout: one process of the node tokenizes while
     the other waits for its token file (a lock, not a collective), so no collective times out."""
