@@ -85,7 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes (gpt-nano, context 32, few steps, matmul 256), no compile")
     g = p.add_argument_group("1. ceiling")
-    g.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n x n product")
+    g.add_argument("--matmul-size", type=int, default=None,
+                   help="n of the n x n x n product (default: 8192 on GPUs, enough to fill an "
+                        "H100 or H200; 2048 on the CPU)")
     g.add_argument("--matmul-reps", type=int, default=7, help="timings; the median counts")
     g = p.add_argument_group("2. one process")
     g.add_argument("--preset", choices=list(GPT_CONFIGS), default="gpt2-small")
@@ -146,6 +148,9 @@ def parse_args(argv=None):
                    help="print the markdown report of a saved JSON (also of a run cut short)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one config
     args = p.parse_args(argv)
+    if args.matmul_size is None:
+        args.matmul_size = 8192 if args.device == "cuda" or (
+            args.device == "auto" and torch.cuda.is_available()) else 2048
     if args.quick:
         args.preset, args.context, args.batch, args.steps, args.warmup = "gpt-nano", 32, 2, 3, 1
         args.matmul_size, args.matmul_reps = 256, 5
@@ -232,7 +237,11 @@ def datasheet_peak(device):
 
 
 def flops_per_token(model, cfg, context):
+    """6N + 12 * layers * emb_dim * T, N the parameters that multiply: neither embedding lookup
+    counts (the token table counts once, as the head, where the two are tied)."""
     n = count_parameters(model, exclude_position_embedding=True)
+    if model.out_head.weight is not model.tok_emb.weight:
+        n -= cfg["vocab_size"] * cfg["emb_dim"]
     return 6 * n + 12 * cfg["n_layers"] * cfg["emb_dim"] * context, n
 
 
@@ -258,7 +267,9 @@ class Clock:
 
 def clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    # the repository first; what PYTHONPATH held already (the tests' fault hooks, say) after it
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -325,10 +336,22 @@ def measure_ceiling(device, args, ceiling=None):
     return ceiling
 
 
+def measured(rows):
+    """The rows of a section that have figures (not those that record an error)."""
+    return [r for r in rows or [] if "error" not in r]
+
+
+def first_line(error):
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def add_mfu(result):
     """MFU of each configuration of section 2, against the ceiling of its matmul precision."""
-    ceiling = result["ceiling"]
-    for r in result.get("single", []):
+    ceiling = result.get("ceiling")
+    if not ceiling or "error" in ceiling:
+        return
+    for r in measured(result.get("single")):
         precision = r["matmul_precision"]
         peak = (ceiling["peak"] or {}).get(precision)
         r["mfu"] = r["achieved_tflops"] / ceiling[f"{precision}_tflops"]
@@ -638,7 +661,12 @@ def measure_single(device, args, model_config):
                 "steps": args.steps, "warmup": args.warmup, "profile": args.profile,
                 "tf32": not args.no_tf32}
         t0 = time.perf_counter()
-        r = run_worker(spec, args.worker_timeout)
+        try:
+            r = run_worker(spec, args.worker_timeout)
+        except Exception as e:  # record it and go on: the other configurations still count
+            rows.append({"name": name, "error": first_line(e)})
+            print(f"  {name}: failed: {first_line(e)}", file=sys.stderr, flush=True)
+            continue
         # MFU's denominator (add_mfu): the measured rate of the precision the matmuls ran in.
         precision = "bf16" if amp in ("bf16", "fp16") else (
             "tf32" if uses_tf32(device, args, amp) else "fp32")
@@ -834,7 +862,7 @@ def table(header, rows):
 
 def targets(result):
     """The performance issue's targets, set for the 2-core CPU machine (rows only for what ran)."""
-    single = {r["name"]: r for r in result.get("single", [])}
+    single = {r["name"]: r for r in measured(result.get("single")) if "mfu" in r}
     rows = []
     scaling = (result.get("scaling") or {}).get("rows", [])
     for accum in sorted({r["grad_accum"] for r in scaling}):
@@ -854,7 +882,7 @@ def targets(result):
 
 
 def report(result):
-    m, c = result["machine"], result["ceiling"]
+    m, c = result["machine"], result.get("ceiling")
     out = ["# Training benchmark", ""]
     where = m.get("gpu") or m["cpu"]
     out.append(f"Machine: {where} ({m['device']}); torch {m['torch']}"
@@ -868,37 +896,42 @@ def report(result):
     out.append(f"{runtime} CPU used by other processes meanwhile, in cores: "
                + ", ".join(f"{k} {v:.2f}" for k, v in load.items())
                + (" (disturbed: rerun on an idle machine)" if max(load.values()) > 0.1 else ""))
-    out += ["", f"## 1. Ceiling: {c['n']}^3 matmul, median of {c['reps']} timings, at the start "
-                f"and at the end (the higher counts)", ""]
-    peak = c["peak"] or {}
-    names = {"fp32": "fp32", "bf16": "bf16", "tf32": "tf32 (fp32 matmuls in the scripts on CUDA)"}
-    rows = [[label, c[f"{p}_tflops"]] + [run.get(p) for run in c["runs"]] + [peak.get(p)]
-            for p, label in names.items() if c[f"{p}_tflops"] is not None]
-    out.append(table(["precision", "TFLOP/s"] + [f"run {i + 1}" for i in range(len(c["runs"]))]
-                     + ["datasheet dense TFLOP/s"], rows))
+    if result.get("errors"):
+        out += ["", "Failed (every other figure below stands): " + "; ".join(
+            f"{e['section']}: {e['error']}" for e in result["errors"])]
+    if c:
+        out += ["", f"## 1. Ceiling: {c['n']}^3 matmul, median of {c['reps']} timings, at the "
+                    f"start and at the end (the higher counts)", ""]
+        peak = c["peak"] or {}
+        names = {"fp32": "fp32", "bf16": "bf16", "tf32": "tf32 (fp32 matmuls in the scripts on CUDA)"}
+        rows = [[label, c[f"{p}_tflops"]] + [run.get(p) for run in c["runs"]] + [peak.get(p)]
+                for p, label in names.items() if c[f"{p}_tflops"] is not None]
+        out.append(table(["precision", "TFLOP/s"] + [f"run {i + 1}" for i in range(len(c["runs"]))]
+                         + ["datasheet dense TFLOP/s"], rows))
 
     s = result.get("settings", {})
-    if result.get("single"):
+    single = measured(result.get("single"))
+    if single:
         out += ["", f"## 2. One process: {s['preset']}, context {s['context']}, batch {s['batch']}, "
                     f"dropout {s['dropout']} ({s['steps']} timed steps after {s['warmup']})", ""]
         rows = [[r["name"], r["tokens_per_sec"], r["step_time_s"] * 1000, r["peak_mem_mb"],
-                 r["achieved_tflops"], f"{r['mfu']:.1%}",
-                 f"{r['mfu_vs_datasheet']:.1%}" if r["mfu_vs_datasheet"] else "-",
-                 r["first_step_s"]] for r in result["single"]]
+                 r["achieved_tflops"], f"{r['mfu']:.1%}" if r.get("mfu") else "-",
+                 f"{r['mfu_vs_datasheet']:.1%}" if r.get("mfu_vs_datasheet") else "-",
+                 r["first_step_s"]] for r in single]
         out.append(table(["config", "tokens/s", "step ms", "peak MB", "TFLOP/s", "MFU",
                           "MFU (datasheet)", "first step s"], rows))
-        out += ["", f"FLOPs per token {result['single'][0]['flops_per_token']:,} "
-                    f"(N = {result['single'][0]['params']:,}). Peak memory: "
-                    f"{result['single'][0]['peak_mem_method']}."]
+        out += ["", f"FLOPs per token {single[0]['flops_per_token']:,} "
+                    f"(N = {single[0]['params']:,}). Peak memory: "
+                    f"{single[0]['peak_mem_method']}."]
         if result.get("bf16_over_fp32") is not None:
             out.append(f"bf16 / fp32 tokens/s: {result['bf16_over_fp32']:.2f}")
         out += ["", "Step phases (median ms), and CPU time and page faults per step:", ""]
         rows = [[r["name"]] + [r["phases_s"][p] * 1000 for p in PHASES]
                 + [r["cpu_user_s_per_step"], r["cpu_sys_s_per_step"], r["minor_faults_per_step"]]
-                for r in result["single"]]
+                for r in single]
         out.append(table(["config", "forward + loss", "backward", "clip", "optimizer + zero_grad",
                           "user CPU s", "system CPU s", "minor page faults"], rows))
-        profiled = [r for r in result["single"] if r.get("profile_s")]
+        profiled = [r for r in single if r.get("profile_s")]
         if profiled:
             kinds = sorted({k for r in profiled for k in r["profile_s"]},
                            key=lambda k: -profiled[0]["profile_s"].get(k, 0))
@@ -1004,17 +1037,25 @@ def main(argv=None):
     whole.start()
 
     def section(name, title, measure, load_key=None):
+        """One section; if it fails, its error is recorded and the next one runs."""
         print(title, file=sys.stderr, flush=True)
         load.start()
-        result[name] = measure()
+        try:
+            result[name] = measure()
+        except Exception as e:
+            result.setdefault("errors", []).append({"section": title, "error": first_line(e)})
+            print(f"  failed: {first_line(e)}", file=sys.stderr, flush=True)
         result["other_cpu_load"][load_key or name] = load.share()
-        if result.get("single"):
-            add_mfu(result)
+        add_mfu(result)
         save_json(result, args.json)
 
     section("ceiling", "1. matmul ceiling", lambda: measure_ceiling(device, args))
     section("single", "2. one process", lambda: measure_single(device, args, model_config))
-    by_name = {r["name"]: r for r in result["single"]}
+    for r in result.get("single", []):
+        if "error" in r:
+            result.setdefault("errors", []).append({"section": f"2. one process, {r['name']}",
+                                                    "error": r["error"]})
+    by_name = {r["name"]: r for r in measured(result.get("single"))}
     if "fp32" in by_name and "bf16" in by_name:
         result["bf16_over_fp32"] = (by_name["bf16"]["tokens_per_sec"]
                                     / by_name["fp32"]["tokens_per_sec"])
@@ -1029,13 +1070,13 @@ def main(argv=None):
         section("baseline", "4. baseline, interleaved",
                 lambda: measure_baseline(device, args, model_config, ours_amp))
     section("ceiling", "1. matmul ceiling, again",
-            lambda: measure_ceiling(device, args, result["ceiling"]), "ceiling again")
+            lambda: measure_ceiling(device, args, result.get("ceiling")), "ceiling again")
     result["targets"] = targets(result) if device == "cpu" else []
     result["runtime_s"] = time.perf_counter() - t_start
     result["other_cpu_load"]["whole run"] = whole.share()
     save_json(result, args.json)
     print(report(result), flush=True)
-    return 0
+    return 1 if result.get("errors") else 0  # every figure above still stands
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from conftest import ok, one_error, positive, run
+from conftest import FAULTS, ok, one_error, positive, run
 
 
 def test_quick_benchmark_reports_every_figure(tmp_path, token_cache):
@@ -67,3 +67,23 @@ def test_bad_input_is_one_line(tmp_path, token_cache):
                          (["--device", "cuda"] if not torch.cuda.is_available() else
                           ["--preset", "gpt-nano", "--context", "129"], "--")]:
         one_error(run(args, token_cache, timeout=60, script="benchmarks/benchmark.py"), needle, 2)
+
+
+def test_a_failed_configuration_loses_no_other_figure(tmp_path, token_cache):
+    """The bf16 worker of section 2 dies: its row records why, fp32's figures and the ceiling
+    measured after it still stand in the JSON and the report, and the exit code says so."""
+    out = tmp_path / "bench.json"
+    result = run(["--quick", "--json", out, "--skip-scaling", "--skip-baseline"], token_cache,
+                 timeout=240, script="benchmarks/benchmark.py", PYTHONPATH=FAULTS,
+                 GPT_DDP_FAULT='fail-argv:"name": "bf16"')
+    assert result.returncode == 1, result.stdout + result.stderr
+    data = json.loads(out.read_text())
+    rows = {r["name"]: r for r in data["single"]}
+    assert rows["bf16"]["error"].startswith("RuntimeError: worker step bf16 failed (exit 1)")
+    for key in ("tokens_per_sec", "mfu", "flops_per_token"):
+        positive(rows["fp32"][key], f"fp32 {key}")
+    assert len(data["ceiling"]["runs"]) == 2  # the section after the failure ran
+    assert "Failed (every other figure below stands): 2. one process, bf16: RuntimeError: " \
+           "worker step bf16 failed (exit 1)" in result.stdout
+    one_process = result.stdout.split("## 2. One process")[1]
+    assert "| fp32 |" in one_process and "| bf16 |" not in one_process

@@ -13,6 +13,7 @@ GPT_DDP_FAULT selects one fault:
     kill-in-save:N      the process writing its N-th checkpoint is SIGKILLed halfway through
     fake-gpus:N         torch says that N CUDA GPUs (compute capability 8.0) are visible
     slow-tokenize:S     tokenizing a text takes S seconds longer (data.encode_text sleeps first)
+    fail-argv:TEXT      a process whose command line holds TEXT exits with code 1 at once
 
 ("the STEP-th step" counts calls of torch.nn.utils.clip_grad_norm_, once per optimizer step.)
 
@@ -37,6 +38,11 @@ FAULT = os.environ.get("GPT_DDP_FAULT", "")
 HOLD = os.environ.get("GPT_DDP_HOLD", "")
 PROBE = os.environ.get("GPT_DDP_PROBE", "")
 ARGV = " ".join(getattr(sys, "orig_argv", sys.argv))
+
+if FAULT.startswith("fail-argv:") and FAULT.split(":", 1)[1] in ARGV:
+    print(f"injected failure: the command line holds {FAULT.split(':', 1)[1]}", file=sys.stderr,
+          flush=True)
+    os._exit(1)
 
 if HOLD and "spawn_main" in ARGV:  # an mp.spawn worker, before it imports torch
     import time
