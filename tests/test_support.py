@@ -43,6 +43,21 @@ def test_every_collective_is_a_tagged_line_of_the_script(script):
             f"{script}:{n}: dist.{name} has no NEW: tag")
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_group_forms_inside_setup_errors(script):
+    """The process group and the stop flag's Gloo group (with NCCL) form inside `setup_errors`,
+    so that an interface that reaches no other node is one line for either (the stop group once
+    formed later, in a constructor, and failed there with a traceback)."""
+    tree = ast.parse((ROOT / script).read_text())
+    blocks = [node for node in ast.walk(tree) if isinstance(node, ast.With) and any(
+        isinstance(item.context_expr, ast.Call) and getattr(item.context_expr.func, "id", "") ==
+        "setup_errors" for item in node.items)]
+    assert len(blocks) == 1
+    inside = {node.func.attr for node in ast.walk(blocks[0]) if isinstance(node, ast.Call)
+              and isinstance(node.func, ast.Attribute)}
+    assert {"init_process_group", "new_group"} <= inside
+
+
 def test_no_support_module_makes_the_ranks_meet():
     """Only the scripts call collectives; the one group a support module makes is the DDP group
     of workarounds.py, which the scripts call in ddp_setup."""
