@@ -32,9 +32,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # NEW: the wrapper
 from data import (create_dataloader, get_tokenizer, prepare_tokens, split_tokens, text_to_token_ids,
                   token_ids_to_text)
 from ddp_support.plan import AUTOCASTS, argument_parser, check_same_start, make_plan
-from ddp_support.process import (TrainingError, UsageError, check_finite, master_port,
-                                 run_and_exit, setup_errors, stop_signal, tune_process,
-                                 usage_errors)
+from ddp_support.process import (COMPILE_WAIT, COMPILE_WAIT_S, TrainingError, UsageError,
+                                 check_finite, compile_before_training, master_port, run_and_exit,
+                                 setup_errors, stop_signal, tune_process, usage_errors, waiting_for)
 from ddp_support.progress import (Log, Position, load_snapshot, print_plan, save_snapshot,
                                   weights_sha256)
 from ddp_support.workarounds import ddp_group_for_debug, restart_safe_store
@@ -265,6 +265,13 @@ def main(rank, world_size, plan, local_rank=None):  # NEW: runs in every process
     extremes = torch.cat([mine, -mine])
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # NEW: every rank: the same start?
     check_same_start(plan, lowest=(-extremes[3:]).tolist(), highest=extremes[:3].tolist())
+    if plan.compile:  # compile now, outside any collective: each rank takes its own time
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.autocast)
+        compile_before_training(model, next(iter(train_loader)),
+                                lambda x, y, m: calc_loss_batch(x, y, m, device, amp))
+        with waiting_for("every rank to compile the model", COMPILE_WAIT_S):
+            # NEW: every rank: compiled? (a wait with a bound of its own, not --timeout's)
+            dist.monitored_barrier(group=stop_group, timeout=COMPILE_WAIT)
     log = Log(plan, start, comm)
     if rank == 0:
         log.begin(start, saved_world)

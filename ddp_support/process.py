@@ -6,6 +6,7 @@ differ); 1 another rank was lost; 128 + signal after a stop by SIGINT (130) or S
 """
 import argparse
 import contextlib
+import datetime
 import math
 import os
 import signal
@@ -140,6 +141,32 @@ def setup_errors(rank, world_size, timeout):
             f"({text.splitlines()[0] if text else type(e).__name__}): {fix}") from None
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+COMPILE_WAIT_S = 3600  # how long a rank may wait for the others to compile (not --timeout)
+COMPILE_WAIT = datetime.timedelta(seconds=COMPILE_WAIT_S)
+
+
+def compile_before_training(model, batch, loss):
+    """--compile: the first forward and backward compile, in seconds to minutes that differ
+    between ranks. Run them once under no_sync (no all-reduce, so nobody waits in a collective),
+    then drop the gradients; the ranks then meet in a wait of its own (`waiting_for`)."""
+    with model.no_sync():
+        loss(*batch, model).backward()
+    model.zero_grad(set_to_none=False)
+
+
+@contextlib.contextmanager
+def waiting_for(what, seconds):
+    """A meeting of the ranks that is no training step, with a bound of its own: if a rank does
+    not come within `seconds`, one line that says what the others waited for."""
+    try:
+        yield
+    except (dist.DistError, RuntimeError) as e:
+        if "monitoredBarrier" not in str(e):
+            raise
+        raise TrainingError(f"waited {seconds:g}s for {what} ({str(e).splitlines()[0]}): that "
+                            f"rank hangs or died; see its own error") from None
 
 
 def run_and_exit(rank, main, world_size, plan, local_rank=None):

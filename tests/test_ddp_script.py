@@ -331,6 +331,19 @@ def test_compile_matches_eager(runs, tmp_path, token_cache):
         torch.testing.assert_close(compiled[k], eager[k], rtol=0, atol=1e-4)
 
 
+def test_ranks_that_compile_at_different_speeds_meet_before_training(runs, tmp_path, token_cache):
+    """--compile: the first forward and backward compile before training, with no collective
+    waiting (under no_sync), and the ranks then meet in a wait of its own: one rank 12 s later
+    than the other is no --timeout 5 failure, and the training is what it is without the delay."""
+    result = ok(run(TINY + SPLITS["2x4"] + ["--compile", "--max-steps", "10", "--timeout", "5",
+                                            "--out", tmp_path], token_cache, timeout=300,
+                    PYTHONPATH=FAULTS, GPT_DDP_FAULT="slow-loss:1:12"))
+    assert "done: 10 steps" in result.stdout
+    eager = load_weights(runs("2x4", SPLITS["2x4"])[0])
+    for k, v in load_weights(tmp_path).items():
+        torch.testing.assert_close(v, eager[k], rtol=0, atol=1e-4)
+
+
 def test_bf16_gradient_compression(runs, token_cache):
     """--grad-compression bf16: what goes to Gloo is bf16, half the bytes of each fp32 bucket (as
     the probe saw it on the wire side); the rounding moves the weights, by little against how far

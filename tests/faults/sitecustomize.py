@@ -14,6 +14,8 @@ GPT_DDP_FAULT selects one fault:
     fake-gpus:N         torch says that N CUDA GPUs (compute capability 8.0) are visible
     slow-tokenize:S     tokenizing a text takes S seconds longer (data.encode_text sleeps first)
     fail-argv:TEXT      a process whose command line holds TEXT exits with code 1 at once
+    slow-loss:RANK:S    the rank's first loss (torch.nn.functional.cross_entropy) comes S seconds late,
+                        as after a compilation slower than the other ranks'
 
 ("the STEP-th step" counts calls of torch.nn.utils.clip_grad_norm_, once per optimizer step.)
 
@@ -157,6 +159,17 @@ if (FAULT or PROBE) and "resource_tracker" not in ARGV:
                     os.kill(os.getpid(), signal.SIGKILL)
             return real_save(obj, f, *args, **kwargs)
         torch.save = save
+
+    if kind == "slow-loss":
+        import time
+        real_cross_entropy = torch.nn.functional.cross_entropy
+
+        def cross_entropy(*args, **kwargs):
+            if rank() == int(params[0]) and not calls.get("loss"):
+                calls["loss"] = 1
+                time.sleep(float(params[1]))
+            return real_cross_entropy(*args, **kwargs)
+        torch.nn.functional.cross_entropy = cross_entropy
 
     if kind == "slow-tokenize":
         import time
