@@ -175,7 +175,7 @@ def train(model, raw_model, optimizer, scheduler, scaler, train_loader, val_load
           plan, device, rank, stop_group):
     """The training loop, from `start` (a Position: step 0, or where the snapshot left off).
     Returns the step it reached and the stop signal the ranks agreed on (0: none)."""
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.autocast)
+    amp_dtype = plan.amp_dtype
     step, tokens_seen = start.step, start.tokens_seen
     loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     stop = 0
@@ -268,9 +268,8 @@ def main(rank, world_size, plan, local_rank=None):  # NEW: runs in every process
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # NEW: every rank: the same start?
     check_same_start(plan, lowest=(-extremes[3:]).tolist(), highest=extremes[:3].tolist())
     if plan.compile:  # compile now, outside any collective: each rank takes its own time
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.autocast)
         compile_before_training(model, next(iter(train_loader)),
-                                lambda x, y, m: calc_loss_batch(x, y, m, device, amp))
+                                lambda x, y, m: calc_loss_batch(x, y, m, device, plan.amp_dtype))
         with waiting_for("every rank to compile the model", COMPILE_WAIT_S):
             # NEW: every rank: compiled? (a wait with a bound of its own, not --timeout's)
             dist.monitored_barrier(group=stop_group, timeout=COMPILE_WAIT)

@@ -148,6 +148,11 @@ class Plan:
         return self.batch_size * self.world_size * self.grad_accum
 
     @property
+    def amp_dtype(self):
+        """autocast's dtype, or None for fp32 (torch.autocast's enabled=False)."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.autocast)
+
+    @property
     def tokens_per_step(self):
         return self.global_batch * self.context_length
 

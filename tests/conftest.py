@@ -125,6 +125,15 @@ def one_error(result, needle, code):
     return lines[0]
 
 
+def load_script(name="DDP-script.py"):
+    """A training script as a module (its name has a hyphen, so no plain import)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_")[:-3], ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def probe(folder):
     """What tests/faults/sitecustomize.py recorded (GPT_DDP_PROBE): {rank: [records]}."""
     ranks = {}

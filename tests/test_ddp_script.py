@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from conftest import (FAULTS, RESUME, RESUME_EPOCH_STEPS, RESUME_STEPS, ROOT, SPLITS, TINY, TORCHRUN,
-                      free_port, load_weights, metrics, no_gpu, ok, one_error, records, run,
-                      same_weights, weights_sha256)
+from conftest import (FAULTS, RESUME, RESUME_EPOCH_STEPS, RESUME_STEPS, SPLITS, TINY, TORCHRUN,
+                      free_port, load_script, load_weights, metrics, no_gpu, ok, one_error, records,
+                      run, same_weights, weights_sha256)
 from gpt_model import GPT_CONFIGS, GPTModel
 
 def test_trains_and_writes_outputs(runs):
@@ -408,11 +408,7 @@ def test_checkpoint_keeps_tied_weights_as_one_tensor():
 
 @pytest.fixture(scope="module")
 def script_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("ddp_script", ROOT / "DDP-script.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script()
 
 
 def planned(script_module, argv, out):

@@ -127,17 +127,13 @@ def test_precision_follows_the_oldest_gpu_of_the_node(capabilities, chosen, tmp_
                                                       monkeypatch):
     """--amp auto on a node with an A100 and a T4: fp16 for both ranks (bf16 only where every
     GPU of the job computes it), not what GPU 0 alone would say."""
-    import importlib.util
     from ddp_support.plan import make_plan
-    from conftest import ROOT
+    from conftest import load_script
     monkeypatch.setenv("GPT_DDP_CACHE", str(token_cache))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capabilities[i])
     monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
-    spec = importlib.util.spec_from_file_location("ddp_script", ROOT / "DDP-script.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    args = script.parse_args(["--model", "gpt-nano", "--out", str(tmp_path / "out")])
+    args = load_script().parse_args(["--model", "gpt-nano", "--out", str(tmp_path / "out")])
     plan = make_plan(args, "DDP-script.py", "test")
     assert (plan.device_type, plan.world_size, plan.autocast) == ("cuda", 2, chosen)

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from conftest import ROOT, SPLITS, TINY, finish, metrics, run, same_weights, script_env, start
+from conftest import (ROOT, SPLITS, TINY, finish, load_script, metrics, run, same_weights,
+                      script_env, start)
 
 SCRIPTS = ["DDP-script.py", "DDP-script-torchrun.py"]
 SUPPORT = sorted((ROOT / "ddp_support").glob("*.py"))
@@ -86,14 +87,6 @@ def test_pieces_are_built_without_a_group_or_a_file(tmp_path, token_cache, monke
     assert (position.step, position.epoch, log.start_step) == (0, 0, 0)
     assert not dist.is_initialized() and not out.exists() and not list(tmp_path.iterdir())
     assert json.loads(json.dumps(plan.as_dict()))["peak_lr"] == plan.peak_lr  # plain values
-
-
-def load_script():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("ddp_script", ROOT / "DDP-script.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 MAIN_IN_A_CHILD = """
