@@ -251,6 +251,12 @@ def main(rank, world_size, plan, local_rank=None):  # NEW: runs in every process
     """One process: set up, train, save, leave. Returns 0, or 128 + the signal that stopped it."""
     local_rank = rank if local_rank is None else local_rank  # one machine: the same
     device, stop_group, ddp_group = ddp_setup(rank, local_rank, world_size, plan)
+    # Each node made its own plan (its --out, its text, its GPUs): do all ranks start alike?
+    mine = torch.tensor([plan.resume_step, plan.n_tokens, AUTOCASTS.index(plan.autocast),
+                         int(plan.autocast_chosen)], device=device)
+    extremes = torch.cat([mine, -mine])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # NEW: every rank: the same start?
+    plan = check_same_start(plan, lowest=(-extremes[4:]).tolist(), highest=extremes[:4].tolist())
     model, raw_model = build_model(plan, device, ddp_group)
     if rank == 0:
         print_plan(plan, count_parameters(raw_model))
@@ -262,11 +268,6 @@ def main(rank, world_size, plan, local_rank=None):  # NEW: runs in every process
     model.register_comm_hook(comm, counting_allreduce_hook)  # NEW: count (or compress) all-reduces
     start, saved_world = (load_snapshot(plan, raw_model, optimizer, scheduler, scaler, device)
                           if plan.resume_from else (Position(), world_size))
-    # Each node made its own plan (its --out, its text, its GPUs): do all ranks start alike?
-    mine = torch.tensor([start.step, plan.n_tokens, AUTOCASTS.index(plan.autocast)], device=device)
-    extremes = torch.cat([mine, -mine])
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # NEW: every rank: the same start?
-    check_same_start(plan, lowest=(-extremes[3:]).tolist(), highest=extremes[:3].tolist())
     if plan.compile:  # compile now, outside any collective: each rank takes its own time
         compile_before_training(model, next(iter(train_loader)),
                                 lambda x, y, m: calc_loss_batch(x, y, m, device, plan.amp_dtype))

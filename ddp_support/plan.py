@@ -76,8 +76,9 @@ def argument_parser(doc):
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW, 2-D weights only")
     g.add_argument("--max-norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="autocast precision; auto: bf16 on GPUs that have it, else fp16; on the CPU "
-                        "bf16 where it is native (AVX512-BF16, AMX), else off (default: auto)")
+                   help="autocast precision; auto: bf16 where every GPU of the job has it, else "
+                        "fp16; on CPUs bf16 where every one computes it natively (AVX512-BF16, "
+                        "AMX), else off (default: auto)")
     g.add_argument("--grad-compression", choices=["none", "bf16"], default="none",
                    help="all-reduce gradients as bf16 (halves traffic between nodes)")
     g.add_argument("--seed", type=int, default=123, help="same seed, same settings: same weights")
@@ -135,6 +136,7 @@ class Plan:
     out: str
     ckpt_path: str
     resume_from: str         # the snapshot to continue from (--resume, or a torchrun restart), or None
+    resume_step: int         # the step that snapshot was saved at (0 without one)
     save_every: int
     log_every: int
     eval_every: int
@@ -213,7 +215,8 @@ def make_plan(args, script, launcher):
         if device == "cuda":
             # Ampere (compute capability 8) and later compute bf16; is_bf16_supported() also
             # says yes on older GPUs that emulate it slowly, and allocates on GPU 0 to find out.
-            # The oldest of this node's GPUs that the job uses decides: one precision for all.
+            # The oldest of this node's GPUs that the job uses decides; between nodes,
+            # check_same_start settles on what every rank computes: one precision for all.
             oldest = min(torch.cuda.get_device_capability(i)[0] for i in range(procs_here))
             autocast = "bf16" if oldest >= 8 else "fp16"
         else:  # bf16 where the CPU computes it natively (AVX512-BF16, AMX), else fp32
@@ -246,7 +249,7 @@ def make_plan(args, script, launcher):
         model_config = dict(GPT_CONFIGS[model])
         if device == "cuda":
             model_config["pad_vocab_multiple"] = 64  # 50304 rows: faster GPU matmuls
-    resume_from = ckpt_path if ckpt is not None else None
+    resume_from, resume_step = (ckpt_path, ckpt["step"]) if ckpt is not None else (None, 0)
     del ckpt
     if args.dropout is not None:
         model_config["drop_rate"] = args.dropout
@@ -285,24 +288,31 @@ def make_plan(args, script, launcher):
         warmup_steps=warmup_steps, final_lr=final_lr, weight_decay=args.weight_decay,
         max_norm=args.max_norm, autocast=autocast, autocast_chosen=args.amp == "auto",
         grad_compression=args.grad_compression, seed=args.seed, out=args.out,
-        ckpt_path=ckpt_path, resume_from=resume_from,
+        ckpt_path=ckpt_path, resume_from=resume_from, resume_step=resume_step,
         save_every=args.save_every, log_every=args.log_every, eval_every=args.eval_every,
         eval_iters=args.eval_iters, sample_prompt=args.sample_prompt,
         sample_tokens=args.sample_tokens)
 
 
 def check_same_start(plan, lowest, highest):
-    """After the ranks compared (step resumed from, tokens of the text, precision): one line
-    naming what differs between them, if anything does."""
-    (step_lo, tokens_lo, amp_lo), (step_hi, tokens_hi, amp_hi) = lowest, highest
+    """After the ranks compared (the step of the snapshot resumed from, the tokens of the text,
+    the precision, whether --amp auto chose it): one line naming what differs between them, if
+    anything does. Returns the plan all ranks train with: where --amp auto chose bf16 on some
+    ranks and not on others, everybody trains in the other one (fp16 on GPUs, fp32 on CPUs),
+    since bf16 and fp16 (or fp32) gradients must not meet in one all-reduce."""
+    (step_lo, tokens_lo, amp_lo, auto_lo), (step_hi, tokens_hi, amp_hi, _) = lowest, highest
     if tokens_lo != tokens_hi:
         raise UsageError(f"the nodes hold different text ({tokens_lo:,} to {tokens_hi:,} tokens): "
                          f"pass the same --data on every node")
     if amp_lo != amp_hi:
-        raise UsageError(f"the ranks chose different precisions ({AUTOCASTS[amp_lo]} and "
-                         f"{AUTOCASTS[amp_hi]}; --amp auto goes by each node's GPUs): pass the "
-                         f"same --amp on every node (fp16 runs on every GPU)")
+        if not auto_lo:  # some node passed --amp itself
+            raise UsageError(f"the nodes train in different precisions ({AUTOCASTS[amp_lo]} and "
+                             f"{AUTOCASTS[amp_hi]}): pass the same --amp on every node, or --amp "
+                             f"auto on all (the lowest precision that every rank computes)")
+        lowest_amp = "off" if AUTOCASTS[amp_lo] == "off" else "fp16"  # bf16 is the other one
+        plan = dataclasses.replace(plan, autocast=lowest_amp)
     if step_lo != step_hi:
         raise UsageError(f"the ranks found different snapshots in --out {plan.out} (steps "
                          f"{step_lo} to {step_hi}): --out must be a folder that every node shares, "
                          f"or start a fresh run with a new --out")
+    return plan

@@ -184,6 +184,8 @@ def print_plan(plan, n_params):
     precision = "fp32" if plan.autocast == "off" else f"{plan.autocast} autocast"
     if plan.autocast_chosen and plan.autocast == "bf16" and plan.device_type == "cpu":
         precision += " (--amp auto: this CPU computes bf16 natively)"
+    if plan.autocast_chosen and plan.autocast == "fp16":
+        precision += " with a loss scaler (--amp auto: a GPU of the job lacks bf16)"
     wire = "bf16" if plan.grad_compression == "bf16" else "fp32"
     schedule = f"lr {plan.peak_lr:g}"
     schedule += f", {plan.warmup_steps} warm-up steps" if plan.warmup_steps else ""

@@ -1,10 +1,12 @@
 """What the CUDA path changes, tested on the CPU: the vocabulary padding (50304 rows on GPUs) and
 the fp16 scaler, in the model and in the snapshots."""
+import dataclasses
 import types
 
 import pytest
 import torch
 
+from ddp_support.process import UsageError
 from ddp_support.progress import Position, clean_state_dict, load_snapshot, save_snapshot
 from gpt_model import GPT_CONFIGS, GPTModel, load_weights
 
@@ -137,3 +139,25 @@ def test_precision_follows_the_oldest_gpu_of_the_node(capabilities, chosen, tmp_
     args = load_script().parse_args(["--model", "gpt-nano", "--out", str(tmp_path / "out")])
     plan = make_plan(args, "DDP-script.py", "test")
     assert (plan.device_type, plan.world_size, plan.autocast) == ("cuda", 2, chosen)
+
+
+def test_between_nodes_precision_is_the_lowest_any_rank_computes(tmp_path, token_cache,
+                                                                 monkeypatch):
+    """A node of A100s (--amp auto: bf16) and a node of T4s (fp16) in one job: every rank trains
+    in fp16 (the same start's all-reduce carries [step, tokens, precision, chosen by auto]);
+    nodes that passed different --amp flags themselves are refused."""
+    from ddp_support.plan import AUTOCASTS, check_same_start, make_plan
+    from conftest import TINY, load_script
+    monkeypatch.setenv("GPT_DDP_CACHE", str(token_cache))
+    args = load_script().parse_args(TINY + ["--out", str(tmp_path / "out")])
+    plan = dataclasses.replace(make_plan(args, "DDP-script.py", "test"), device_type="cuda",
+                               autocast="bf16", autocast_chosen=True)
+    a100, t4 = ([0, plan.n_tokens, AUTOCASTS.index(amp), 1] for amp in ("bf16", "fp16"))
+    assert check_same_start(plan, lowest=a100, highest=a100).autocast == "bf16"
+    lowered = check_same_start(plan, lowest=[min(p) for p in zip(a100, t4)],
+                               highest=[max(p) for p in zip(a100, t4)])
+    assert (lowered.autocast, lowered.amp_dtype) == ("fp16", torch.float16)
+    flag = [0, plan.n_tokens, AUTOCASTS.index("fp16"), 0]  # --amp fp16 passed on one node
+    with pytest.raises(UsageError, match=r"different precisions \(bf16 and fp16\)"):
+        check_same_start(plan, lowest=[min(p) for p in zip(a100, flag)],
+                         highest=[max(p) for p in zip(a100, flag)])

@@ -13,9 +13,10 @@ from conftest import (ROOT, FAULTS, RESUME, RESUME_EPOCH_STEPS, RESUME_STEPS, SP
 SCRIPT = "DDP-script-torchrun.py"
 
 
-def two_nodes(args, cache, nproc, rdzv="static", max_restarts=0, node_args=((), ())):
+def two_nodes(args, cache, nproc, rdzv="static", max_restarts=0, node_args=((), ()),
+              node_env=({}, {})):
     """Start two torchrun agents on this machine, as node 0 and node 1, talking over 127.0.0.1;
-    node_args: flags for one node only (the rest go to both)."""
+    node_args, node_env: flags and environment for one node only (the rest go to both)."""
     port = free_port()
     procs = []
     for node in (0, 1):
@@ -25,7 +26,7 @@ def two_nodes(args, cache, nproc, rdzv="static", max_restarts=0, node_args=((), 
             launch = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test-job"]
         cmd = TORCHRUN + ["--nnodes=2", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
                           *launch, SCRIPT, *map(str, args), *map(str, node_args[node])]
-        procs.append(start(cmd, script_env(cache)))
+        procs.append(start(cmd, {**script_env(cache), **node_env[node]}))
     return procs
 
 
@@ -177,17 +178,32 @@ def test_nodes_with_different_text_are_refused(tmp_path, token_cache):
 
 
 def test_nodes_with_different_precisions_are_refused(tmp_path, token_cache):
-    """Each node's plan picks its precision (--amp auto: by its own GPUs): ranks that would mix
-    bf16 and fp32 (or fp16) in one all-reduce stop before the first step, one line a node."""
+    """Nodes that pass different --amp flags would mix bf16 and fp32 (or fp16) gradients in one
+    all-reduce: they stop before the first step, one line a node."""
     agents = two_nodes(TINY + ["--out", tmp_path / "out", "--max-steps", "4"], token_cache, 1,
                        node_args=(("--amp", "off"), ("--amp", "bf16")))
     for agent in agents:
         result = finish(agent, 120)
         lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
         assert result.returncode == 1 and "exitcode  : 2" in result.stderr, result.stderr
-        assert lines == ["error: the ranks chose different precisions (off and bf16; --amp auto "
-                         "goes by each node's GPUs): pass the same --amp on every node (fp16 runs "
-                         "on every GPU)"], result.stderr
+        assert lines == ["error: the nodes train in different precisions (off and bf16): pass the "
+                         "same --amp on every node, or --amp auto on all (the lowest precision "
+                         "that every rank computes)"], result.stderr
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_amp_auto_trains_all_nodes_in_the_lowest_precision(runs, tmp_path, token_cache):
+    """--amp auto on two nodes whose CPUs differ: node 0 computes bf16, node 1 does not, so both
+    train in fp32, and the weights are those of a 2-process --amp off run on one node."""
+    args = TINY + drop_nprocs(SPLITS["2x4"]) + ["--out", tmp_path, "--max-steps", "10"]
+    bf16 = ({"PYTHONPATH": FAULTS, "GPT_DDP_FAULT": "cpu-bf16:1"},
+            {"PYTHONPATH": FAULTS, "GPT_DDP_FAULT": "cpu-bf16:0"})
+    node0, node1 = (finish(p, 180) for p in two_nodes(args, token_cache, nproc=1,
+                                                         node_args=(("--amp", "auto"),) * 2,
+                                                         node_env=bf16))
+    ok(node0), ok(node1)
+    assert "plan: precision: fp32, " in node0.stdout, node0.stdout  # node 0 alone chose bf16
+    assert same_weights(runs("2x4", SPLITS["2x4"])[0], tmp_path)
 
 
 def test_a_slow_tokenization_is_not_a_collective_timeout(tmp_path, token_cache):

@@ -12,6 +12,7 @@ GPT_DDP_FAULT selects one fault:
     perturb:RANK:STEP   the rank adds 1e-3 to one weight in its STEP-th step: its replica differs
     kill-in-save:N      the process writing its N-th checkpoint is SIGKILLed halfway through
     fake-gpus:N         torch says that N CUDA GPUs (compute capability 8.0) are visible
+    cpu-bf16:0|1        torch says that this CPU computes bf16 natively (1) or not (0)
     slow-tokenize:S     tokenizing a text takes S seconds longer (data.encode_text sleeps first)
     fail-argv:TEXT      a process whose command line holds TEXT exits with code 1 at once
     slow-loss:RANK:S    the rank's first loss (torch.nn.functional.cross_entropy) comes S seconds late,
@@ -187,3 +188,8 @@ if (FAULT or PROBE) and "resource_tracker" not in ARGV:
         torch.cuda.is_available = lambda: True
         torch.cuda.device_count = lambda: n_gpus
         torch.cuda.get_device_capability = lambda device=None: (8, 0)
+
+    if kind == "cpu-bf16":
+        native = params[0] == "1"
+        torch.cpu._is_avx512_bf16_supported = lambda: native
+        torch.cpu._is_amx_tile_supported = lambda: native
