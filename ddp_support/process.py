@@ -149,11 +149,16 @@ COMPILE_WAIT = datetime.timedelta(seconds=COMPILE_WAIT_S)
 
 def compile_before_training(model, batch, loss):
     """--compile: the first forward and backward compile, in seconds to minutes that differ
-    between ranks. Run them once under no_sync (no all-reduce, so nobody waits in a collective),
-    then drop the gradients; the ranks then meet in a wait of its own (`waiting_for`)."""
+    between ranks, and so does the evaluation's forward (eval mode, no gradients: another graph).
+    Run them once here, where no collective waits (under no_sync: no all-reduce), then drop the
+    gradients; the ranks then meet in a wait of its own (`waiting_for`)."""
     with model.no_sync():
         loss(*batch, model).backward()
     model.zero_grad(set_to_none=False)
+    model.eval()
+    with torch.no_grad():
+        loss(*batch, model)
+    model.train()
 
 
 @contextlib.contextmanager

@@ -333,8 +333,9 @@ def test_compile_matches_eager(runs, tmp_path, token_cache):
 
 def test_ranks_that_compile_at_different_speeds_meet_before_training(runs, tmp_path, token_cache):
     """--compile: the first forward and backward compile before training, with no collective
-    waiting (under no_sync), and the ranks then meet in a wait of its own: one rank 12 s later
-    than the other is no --timeout 5 failure, and the training is what it is without the delay."""
+    waiting (under no_sync), and the evaluation's forward too; the ranks then meet in a wait of
+    its own: one rank 12 s later than the other in each (training, then evaluation) is no
+    --timeout 5 failure, and the training is what it is without the delays."""
     result = ok(run(TINY + SPLITS["2x4"] + ["--compile", "--max-steps", "10", "--timeout", "5",
                                             "--out", tmp_path], token_cache, timeout=300,
                     PYTHONPATH=FAULTS, GPT_DDP_FAULT="slow-loss:1:12"))

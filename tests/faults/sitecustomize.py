@@ -16,7 +16,8 @@ GPT_DDP_FAULT selects one fault:
     slow-tokenize:S     tokenizing a text takes S seconds longer (data.encode_text sleeps first)
     fail-argv:TEXT      a process whose command line holds TEXT exits with code 1 at once
     slow-loss:RANK:S    the rank's first loss (torch.nn.functional.cross_entropy) comes S seconds late,
-                        as after a compilation slower than the other ranks'
+                        and so does its first without gradients (evaluation), as after compilations
+                        slower than the other ranks'
 
 ("the STEP-th step" counts calls of torch.nn.utils.clip_grad_norm_, once per optimizer step.)
 
@@ -166,8 +167,9 @@ if (FAULT or PROBE) and "resource_tracker" not in ARGV:
         real_cross_entropy = torch.nn.functional.cross_entropy
 
         def cross_entropy(*args, **kwargs):
-            if rank() == int(params[0]) and not calls.get("loss"):
-                calls["loss"] = 1
+            mode = "loss" if torch.is_grad_enabled() else "eval-loss"
+            if rank() == int(params[0]) and not calls.get(mode):
+                calls[mode] = 1
                 time.sleep(float(params[1]))
             return real_cross_entropy(*args, **kwargs)
         torch.nn.functional.cross_entropy = cross_entropy
