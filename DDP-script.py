@@ -115,13 +115,15 @@ def counting_allreduce_hook(state, bucket):
 
 
 def configure_optimizer(raw_model, plan):
-    decay = [p for p in raw_model.parameters() if p.dim() >= 2]   # matmul weights, embeddings
-    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]  # biases, LayerNorm
-    groups = [{"params": decay, "weight_decay": plan.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    params = list(raw_model.parameters())
+    if plan.decay == "all":  # the book's: AdamW(model.parameters(), weight_decay=0.1)
+        groups = [{"params": params, "weight_decay": plan.weight_decay}]
+    else:  # GPT-2 practice: decay matmul weights and embeddings, not biases and LayerNorm
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": plan.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # fused: one kernel updates every tensor (on CUDA, and on the CPU since torch 2.4); the
     # default for-each loop takes several times longer on the CPU for GPT-2 sizes.
-    return torch.optim.AdamW(groups, lr=plan.peak_lr, betas=(0.9, 0.95), fused=True)
+    return torch.optim.AdamW(groups, lr=plan.peak_lr, betas=plan.betas, fused=True)
 
 
 def lr_factor(step, plan):
@@ -225,12 +227,17 @@ def train(model, raw_model, optimizer, scheduler, scaler, train_loader, val_load
                 train_loss, loss_count = (mean[0] / mean[1]).item(), 0
                 loss_sum.zero_()
                 check_finite(train_loss, step, plan, "training loss")
+                val_due = step % plan.eval_every == 0 or epoch_end or done
                 with log.paused():  # model.module: the replica itself, no DDP machinery
                     val_loss = (evaluate(model.module, val_loader, device, amp_dtype, plan.eval_iters)
-                                if step % plan.eval_every == 0 or epoch_end or done else None)
+                                if val_due else None)
+                    # the book's training loss: eval mode, the first batches of the epoch's order
+                    eval_loss = (evaluate(model.module, train_loader, device, amp_dtype,
+                                          plan.train_eval_iters)
+                                 if val_due and plan.train_eval_iters else None)
                 if rank == 0:  # NEW: global rank 0 alone writes: the replicas are identical
                     log.write(step, epoch, tokens_seen, train_loss, val_loss, grad_norm.item(),
-                              scheduler.get_last_lr()[0])
+                              scheduler.get_last_lr()[0], eval_loss)
             if save_due and rank == 0:  # NEW: one snapshot, written by one process
                 with log.paused():  # at the end of an epoch it points at the next one
                     save_snapshot(plan, Position(step, epoch + 1, 0, tokens_seen) if epoch_end else

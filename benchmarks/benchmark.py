@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from book_model import BookGPTModel, book_loss_batch, book_optimizer  # noqa: E402
 from gpt_model import GPT_CONFIGS, GPTModel, count_parameters  # noqa: E402
-from ddp_support.plan import make_plan  # noqa: E402
+from ddp_support.plan import OPTIMIZERS, make_plan  # noqa: E402
 from ddp_support.process import usage_errors  # noqa: E402
 from ddp_support.workarounds import keep_freed_memory  # noqa: E402
 
@@ -396,9 +396,10 @@ class OursStep:
         torch.manual_seed(0)
         self.raw = GPTModel(spec["model_config"]).to(device)
         self.model = torch.compile(self.raw) if compile_model else self.raw
-        # the scripts' default weight decay, with the book's learning rate
+        # GPT-2's optimizer recipe (the book's differs in its betas and groups, not in time),
+        # with the book's learning rate
         self.optimizer = script.configure_optimizer(self.raw, types.SimpleNamespace(
-            peak_lr=4e-4, weight_decay=script.parse_args([]).weight_decay))
+            peak_lr=4e-4, **OPTIMIZERS["gpt2"]))
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["amp"])
         self.script, self.device, self.tf32 = script, device, spec["tf32"]
         self.model.train()

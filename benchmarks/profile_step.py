@@ -13,6 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from ddp_support.plan import OPTIMIZERS  # noqa: E402
 from gpt_model import GPT_CONFIGS, GPTModel  # noqa: E402
 
 
@@ -42,7 +43,8 @@ def main(argv=None):
         cfg["pad_vocab_multiple"] = 64  # as make_plan does on GPUs
     raw = GPTModel(cfg).to(device)
     model = torch.compile(raw) if args.compile else raw
-    optimizer = script.configure_optimizer(raw, types.SimpleNamespace(peak_lr=4e-4, weight_decay=0.1))
+    optimizer = script.configure_optimizer(raw, types.SimpleNamespace(peak_lr=4e-4,
+                                                                      **OPTIMIZERS["gpt2"]))
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
     x = torch.randint(0, cfg["vocab_size"], (args.batch, args.context))
     y = torch.randint(0, cfg["vocab_size"], (args.batch, args.context))

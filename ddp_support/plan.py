@@ -25,6 +25,17 @@ DEFAULT_MODEL = {"cuda": "book-124m", "cpu": "gpt-mini"}
 BOOK_RECIPE = {"context_length": 256, "lr": 4e-4, "epochs": 10, "warmup": 0.0, "min_lr": None}
 RECIPES = {"gpt-mini": {"context_length": 128, "lr": 1e-3, "epochs": 20, "warmup": 0.1,
                         "min_lr": 1e-4}}
+# How AdamW steps. The book's models (book-*) take chapter 5's: AdamW(model.parameters(),
+# weight_decay=0.1), default betas, no clipping. The others GPT-2 practice: betas (0.9, 0.95), no
+# decay on biases and LayerNorm, gradients clipped at norm 1. A snapshot keeps the one it began with.
+OPTIMIZERS = {"book": {"betas": (0.9, 0.999), "decay": "all", "weight_decay": 0.1, "max_norm": 0.0},
+              "gpt2": {"betas": (0.9, 0.95), "decay": "matrices", "weight_decay": 0.1,
+                       "max_norm": 1.0}}
+
+
+def optimizer_recipe(model):
+    """The name of a model's optimizer recipe in OPTIMIZERS."""
+    return "book" if model.startswith("book-") else "gpt2"
 
 
 def argument_parser(doc):
@@ -73,8 +84,17 @@ def argument_parser(doc):
     g.add_argument("--min-lr", type=float, default=None,
                    help="cosine decay from --lr to this at the last step (default: none, a "
                         "constant learning rate as in the book's chapter 5; 1e-4 for gpt-mini)")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW, 2-D weights only")
-    g.add_argument("--max-norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW's (default: 0.1)")
+    g.add_argument("--decay", choices=["all", "matrices"], default=None,
+                   help="the parameters weight decay applies to: all (the book's), or matrices "
+                        "and embeddings, not biases and LayerNorm (GPT-2 practice) (default: "
+                        "all for book-* models, else matrices)")
+    g.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
+                   help="AdamW's betas (default: 0.9 0.999, PyTorch's and the book's, for book-* "
+                        "models; 0.9 0.95 for the others)")
+    g.add_argument("--max-norm", type=float, default=None,
+                   help="clip gradients to this norm; 0: no clipping (default: 0 for book-* "
+                        "models, as the book's chapter 5; 1 for the others)")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="autocast precision; auto: bf16 where every GPU of the job has it, else "
                         "fp16; on CPUs bf16 where every one computes it natively (AVX512-BF16, "
@@ -91,6 +111,10 @@ def argument_parser(doc):
     g.add_argument("--eval-every", type=int, default=5, help="steps between validation runs")
     g.add_argument("--eval-iters", type=int, default=0,
                    help="validation batches per process (0: the whole validation split)")
+    g.add_argument("--train-eval-iters", type=int, default=0, metavar="N",
+                   help="on validation steps, also the training loss as the book measures it: in "
+                        "eval mode (no dropout), over the first N training batches per process "
+                        "(0: off; the book uses 5)")
     g.add_argument("--sample-prompt", default="Every effort moves you",
                    help="prompt for the text sample printed after each epoch")
     g.add_argument("--sample-tokens", type=int, default=50, help="length of that sample")
@@ -127,8 +151,11 @@ class Plan:
     peak_lr: float           # --lr, or the recipe's
     warmup_steps: int        # the flag, or the recipe's share of total_steps
     final_lr: float          # --min-lr, or the recipe's, or peak_lr (a constant rate)
-    weight_decay: float
-    max_norm: float
+    optimizer: str           # "book" or "gpt2": the recipe in OPTIMIZERS (the snapshot's when resuming)
+    betas: tuple             # the flag, or the recipe's
+    decay: str               # "all" or "matrices": the flag, or the recipe's
+    weight_decay: float      # the flag, or the recipe's
+    max_norm: float          # the flag, or the recipe's (the snapshot's when resuming)
     autocast: str            # "bf16", "fp16" or "off" (from --amp)
     autocast_chosen: bool    # by --amp auto
     grad_compression: str
@@ -141,6 +168,7 @@ class Plan:
     log_every: int
     eval_every: int
     eval_iters: int
+    train_eval_iters: int
     sample_prompt: str
     sample_tokens: int
 
@@ -171,10 +199,14 @@ def make_plan(args, script, launcher):
                  "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.train_eval_iters < 0 or args.eval_iters < 0:
+        raise UsageError("--eval-iters and --train-eval-iters must be >= 0")
+    if args.betas is not None and not all(0.0 <= b < 1.0 for b in args.betas):
+        raise UsageError(f"--betas must be in [0, 1), not {args.betas[0]:g} {args.betas[1]:g}")
     if not 0.0 < args.val_ratio < 1.0:
         raise UsageError(f"--val-ratio must be between 0 and 1, not {args.val_ratio}")
-    if (args.lr is not None and args.lr <= 0) or args.max_norm < 0 or args.weight_decay < 0 \
-            or args.timeout <= 0:
+    if (args.lr is not None and args.lr <= 0) or (args.max_norm or 0) < 0 or \
+            (args.weight_decay or 0) < 0 or args.timeout <= 0:
         raise UsageError("--lr and --timeout must be positive, --max-norm and --weight-decay >= 0")
     if (args.warmup_steps is not None and args.warmup_steps < 0) or \
             (args.min_lr is not None and args.min_lr < 0):
@@ -250,6 +282,7 @@ def make_plan(args, script, launcher):
         if device == "cuda":
             model_config["pad_vocab_multiple"] = 64  # 50304 rows: faster GPU matmuls
     resume_from, resume_step = (ckpt_path, ckpt["step"]) if ckpt is not None else (None, 0)
+    optimizer = optimizer_settings(args, model, ckpt)
     del ckpt
     if args.dropout is not None:
         model_config["drop_rate"] = args.dropout
@@ -285,13 +318,37 @@ def make_plan(args, script, launcher):
         val_ratio=args.val_ratio, context_length=context_length, batch_size=args.batch_size,
         num_workers=args.num_workers, n_tokens=len(tokens), steps_per_epoch=steps_per_epoch,
         epochs=epochs, total_steps=total_steps, grad_accum=args.grad_accum, peak_lr=peak_lr,
-        warmup_steps=warmup_steps, final_lr=final_lr, weight_decay=args.weight_decay,
-        max_norm=args.max_norm, autocast=autocast, autocast_chosen=args.amp == "auto",
+        warmup_steps=warmup_steps, final_lr=final_lr, **optimizer,
+        autocast=autocast, autocast_chosen=args.amp == "auto",
         grad_compression=args.grad_compression, seed=args.seed, out=args.out,
         ckpt_path=ckpt_path, resume_from=resume_from, resume_step=resume_step,
         save_every=args.save_every, log_every=args.log_every, eval_every=args.eval_every,
-        eval_iters=args.eval_iters, sample_prompt=args.sample_prompt,
+        eval_iters=args.eval_iters, train_eval_iters=args.train_eval_iters,
+        sample_prompt=args.sample_prompt,
         sample_tokens=args.sample_tokens)
+
+
+def optimizer_settings(args, model, ckpt):
+    """The flags, or the model's recipe in OPTIMIZERS; when resuming, the snapshot's (a snapshot
+    written before the recipes had names took GPT-2's). Its AdamW state holds the betas, the
+    weight decay and the parameter groups: a flag may change the clipping only."""
+    flags = {"betas": args.betas and tuple(args.betas), "decay": args.decay,
+             "weight_decay": args.weight_decay, "max_norm": args.max_norm}
+    if ckpt is None:
+        name = optimizer_recipe(model)
+        settings = {"optimizer": name, **OPTIMIZERS[name]}
+    else:
+        settings = {"optimizer": "gpt2", **OPTIMIZERS["gpt2"]}
+        settings.update((k, ckpt["args"][k]) for k in list(settings) if k in ckpt["args"])
+        settings["betas"] = tuple(settings["betas"])
+        for key in ("betas", "decay", "weight_decay"):
+            if flags[key] is not None and flags[key] != settings[key]:
+                flag = "--" + key.replace("_", "-")
+                raise UsageError(f"the snapshot in {args.out} trains with {flag} {settings[key]}, "
+                                 f"not {flags[key]}: drop {flag}, or start a fresh run with a "
+                                 f"new --out")
+    settings.update((k, v) for k, v in flags.items() if v is not None)
+    return settings
 
 
 def check_same_start(plan, lowest, highest):

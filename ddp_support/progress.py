@@ -175,7 +175,7 @@ def weights_sha256(raw_model):
 # The log
 
 def print_plan(plan, n_params):
-    """Rank 0, before training: the plan in six lines."""
+    """Rank 0, before training: the plan in seven lines."""
     threads = f", {torch.get_num_threads()} thread(s) per process" if plan.device_type == "cpu" else ""
     model = (f"model {plan.model}: {n_params:,} parameters, context {plan.context_length} (of "
              f"{plan.model_config['context_length']}), dropout {plan.model_config['drop_rate']}")
@@ -190,7 +190,14 @@ def print_plan(plan, n_params):
     schedule = f"lr {plan.peak_lr:g}"
     schedule += f", {plan.warmup_steps} warm-up steps" if plan.warmup_steps else ""
     schedule += f", cosine to {plan.final_lr:g}" if plan.final_lr != plan.peak_lr else " constant"
-    schedule += f", clip {plan.max_norm:g}" if plan.max_norm else ", no clipping"
+    from ddp_support.plan import OPTIMIZERS  # (plan.py imports this module)
+    recipe = {"book": "the book's chapter 5", "gpt2": "GPT-2's"}[plan.optimizer]
+    if any(getattr(plan, k) != v for k, v in OPTIMIZERS[plan.optimizer].items()):
+        recipe += ", changed by flags"
+    adamw = (f"optimizer: AdamW ({recipe}): betas {plan.betas[0]:g}/{plan.betas[1]:g}, weight "
+             f"decay {plan.weight_decay:g} on "
+             f"{'every parameter' if plan.decay == 'all' else 'matrices and embeddings'}, ")
+    adamw += f"clip {plan.max_norm:g}" if plan.max_norm else "no clipping"
     lines = [
         f"world size {plan.world_size} ({plan.backend} on {plan.device_type}{threads}), started by "
         f"{plan.launcher}",
@@ -200,6 +207,7 @@ def print_plan(plan, n_params):
         f" process(es) x {plan.grad_accum} accumulation = {plan.global_batch} sequences,"
         f" {plan.tokens_per_step:,} tokens per step",
         f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all; {schedule}",
+        adamw,
         f"writing to {plan.out}",
     ]
     print("\n".join("plan: " + line for line in lines), flush=True)
@@ -236,11 +244,13 @@ class Log:
         yield
         self.paused_s += time.time() - t0
 
-    def write(self, step, epoch, tokens_seen, train_loss, val_loss, grad_norm, lr):
-        """Rank 0: the log line and its row in metrics.jsonl."""
+    def write(self, step, epoch, tokens_seen, train_loss, val_loss, grad_norm, lr, eval_loss=None):
+        """Rank 0: the log line and its row in metrics.jsonl. train_loss: the mean over the steps
+        since the last line, in training mode; eval_loss: the book's (--train-eval-iters)."""
         now, n = time.time(), max(1, step - self.step_log)
         record = {"step": step, "epoch": epoch + 1, "tokens_seen": tokens_seen,
                   "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
+                  "train_loss_eval_mode": eval_loss,
                   "tokens_per_sec": self.plan.tokens_per_step * n / max(
                       now - self.t_log - self.paused_s, 1e-9),
                   "grad_norm": grad_norm, "elapsed_s": now - self.t_start,
@@ -248,7 +258,8 @@ class Log:
                   "allreduce_mb_per_step": (self.comm["bytes"] - self.bytes_log) / n / 2**20}
         eta = record["elapsed_s"] / max(1, step - self.start_step) * (self.plan.total_steps - step)
         val = "-" if val_loss is None else f"{val_loss:.3f}"
-        print(f"epoch {epoch + 1} step {step}/{self.plan.total_steps}: train {train_loss:.3f}, "
+        train = f"{train_loss:.3f}" + ("" if eval_loss is None else f" (eval mode {eval_loss:.3f})")
+        print(f"epoch {epoch + 1} step {step}/{self.plan.total_steps}: train {train}, "
               f"val {val}, lr {lr:.2e}, {record['tokens_per_sec']:,.0f} tok/s, "
               f"{record['elapsed_s']:.0f}s elapsed, eta {eta:.0f}s", flush=True)
         with open(self.metrics_path, "a") as f:
@@ -291,6 +302,10 @@ def plot_losses(out):
     ax.plot([r["tokens_seen"] for r in rows], [r["train_loss"] for r in rows], label="train")
     val = [r for r in rows if r["val_loss"] is not None]
     ax.plot([r["tokens_seen"] for r in val], [r["val_loss"] for r in val], "--", label="validation")
+    book = [r for r in rows if r.get("train_loss_eval_mode") is not None]
+    if book:  # --train-eval-iters
+        ax.plot([r["tokens_seen"] for r in book], [r["train_loss_eval_mode"] for r in book], ":",
+                label="train, eval mode (the book's)")
     ax.set_xlabel("tokens seen (all processes)")
     ax.set_ylabel("loss")
     ax.legend()
