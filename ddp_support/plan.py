@@ -2,13 +2,12 @@
 training starts, from the flags, the data and the checkpoint, made once (`make_plan`)."""
 import dataclasses
 import os
-import sys
 
 import torch
-import torch.distributed as dist
 
 from data import batches_per_rank, prepare_tokens
-from ddp_support.process import ArgumentParser, HelpFormatter, UsageError, launched_by_launcher
+from ddp_support.process import (ArgumentParser, HelpFormatter, UsageError, choose_backend,
+                                 choose_device, launched_by_launcher)
 from ddp_support.progress import check_weights_fit, snapshot_to_resume
 from ddp_support.workarounds import cpu_has_bf16
 from gpt_model import GPT_CONFIGS, hf_gpt2_config
@@ -191,6 +190,16 @@ class Plan:
         return dataclasses.asdict(self)
 
 
+def auto_autocast(device, gpus=()):
+    """What --amp auto picks for these GPUs (indices), or for this CPU: "bf16", "fp16" or "off"."""
+    if device == "cuda":
+        # Ampere (compute capability 8) and later compute bf16; is_bf16_supported() also says
+        # yes on older GPUs that emulate it slowly, and allocates on GPU 0 to find out.
+        oldest = min(torch.cuda.get_device_capability(i)[0] for i in gpus)
+        return "bf16" if oldest >= 8 else "fp16"
+    return "bf16" if cpu_has_bf16() else "off"  # bf16 where the CPU computes it natively, else fp32
+
+
 def make_plan(args, script, launcher):
     """Checks the flags, the checkpoint and the data (tokenizing the text, once: later calls find
     its token file) and decides everything else. Raises UsageError or DataError with a one-line
@@ -215,11 +224,7 @@ def make_plan(args, script, launcher):
         raise UsageError(f"--dropout must be in [0, 1), not {args.dropout}")
 
     # Devices, backend and world size.
-    cuda = torch.cuda.is_available()
-    if args.device == "cuda" and not cuda:
-        raise UsageError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu "
-                         "(or install a CUDA build of torch)")
-    device = {"auto": "cuda" if cuda else "cpu"}.get(args.device, args.device)
+    device = choose_device(args.device)
     n_gpus = torch.cuda.device_count() if device == "cuda" else 0
     if launched_by_launcher():
         world_size = int(os.environ["WORLD_SIZE"])
@@ -234,25 +239,12 @@ def make_plan(args, script, launcher):
                else f"--nproc_per_node={n_gpus}")
         raise UsageError(f"{procs_here} processes on this machine but only {n_gpus} GPU(s) "
                          f"visible: use {fix}")
-    backend = args.backend
-    if backend == "auto":
-        backend = "nccl" if device == "cuda" and sys.platform == "linux" else "gloo"
-    if backend == "nccl" and (device != "cuda" or not dist.is_nccl_available()):
-        raise UsageError("--backend nccl needs CUDA GPUs and a Linux build of torch with NCCL: "
-                         "use --backend gloo (or --device cuda on a GPU machine)")
+    backend = choose_backend(args.backend, device)
 
     # Precision. Parameters, gradients and the all-reduce stay fp32; autocast runs the matmuls.
-    autocast = args.amp
-    if autocast == "auto":
-        if device == "cuda":
-            # Ampere (compute capability 8) and later compute bf16; is_bf16_supported() also
-            # says yes on older GPUs that emulate it slowly, and allocates on GPU 0 to find out.
-            # The oldest of this node's GPUs that the job uses decides; between nodes,
-            # check_same_start settles on what every rank computes: one precision for all.
-            oldest = min(torch.cuda.get_device_capability(i)[0] for i in range(procs_here))
-            autocast = "bf16" if oldest >= 8 else "fp16"
-        else:  # bf16 where the CPU computes it natively (AVX512-BF16, AMX), else fp32
-            autocast = "bf16" if cpu_has_bf16() else "off"
+    # The oldest of this node's GPUs that the job uses decides; between nodes, check_same_start
+    # settles on what every rank computes: one precision for all.
+    autocast = auto_autocast(device, range(procs_here)) if args.amp == "auto" else args.amp
     if autocast == "fp16" and device != "cuda":
         raise UsageError("--amp fp16 needs a CUDA GPU: use --amp bf16 or --amp off on the CPU")
 

@@ -91,6 +91,26 @@ def usage_errors():
         sys.exit(128 + signal.SIGINT)
 
 
+def choose_device(flag):
+    """--device: "cuda" or "cpu" (auto: CUDA when PyTorch sees a GPU)."""
+    cuda = torch.cuda.is_available()
+    if flag == "cuda" and not cuda:
+        raise UsageError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu "
+                         "(or install a CUDA build of torch)")
+    return {"auto": "cuda" if cuda else "cpu"}.get(flag, flag)
+
+
+def choose_backend(flag, device):
+    """--backend: "nccl" or "gloo" (auto: NCCL for CUDA GPUs on Linux, else Gloo)."""
+    backend = flag
+    if backend == "auto":
+        backend = "nccl" if device == "cuda" and sys.platform == "linux" else "gloo"
+    if backend == "nccl" and (device != "cuda" or not dist.is_nccl_available()):
+        raise UsageError("--backend nccl needs CUDA GPUs and a Linux build of torch with NCCL: "
+                         "use --backend gloo (or --device cuda on a GPU machine)")
+    return backend
+
+
 def master_port(addr, wanted=None):
     """A port for rank 0's store on addr: `wanted` if it is free (if it is taken, rank 0 fails and
     the rest would wait), else any free one."""
@@ -118,6 +138,10 @@ def tune_process(device, world_size):
         workarounds.keep_freed_memory()
 
 
+INTERFACE_FIX = ("set GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs) on every node to the "
+                 "interface that reaches the others (ip route get MASTER_ADDR shows it)")
+
+
 @contextlib.contextmanager
 def setup_errors(rank, world_size, timeout):
     """A process (or a node) that never came, a wrong address or network interface: one line,
@@ -130,8 +154,7 @@ def setup_errors(rank, world_size, timeout):
     except (dist.DistError, RuntimeError) as e:
         text = str(e)
         if workarounds.unreachable_interface(e):
-            fix = ("set GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs) on every node to the "
-                   "interface that reaches the others (ip route get MASTER_ADDR shows it)")
+            fix = INTERFACE_FIX
         else:
             fix = ("start every process or node, or check MASTER_ADDR, MASTER_PORT and firewalls "
                    "(under torchrun's c10d rendezvous, --local-addr on every node)")

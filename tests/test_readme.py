@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 READMES = ["README.md", "README.zh-CN.md"]
-SCRIPTS = ["DDP-script.py", "DDP-script-torchrun.py", "generate.py"]
+SCRIPTS = ["DDP-script.py", "DDP-script-torchrun.py", "generate.py", "preflight.py"]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,8 @@ def commands(readme):
         yield from block.replace("\\\n", " ").splitlines()
 
 
-@pytest.mark.parametrize("readme", READMES)
-def test_readme_commands_use_real_flags(readme, accepted):
+def flags_checked(readme, accepted):
+    """Asserts that every flag a command passes to a script is one it accepts; returns how many."""
     checked = 0
     for line in commands(readme):
         words = line.split("#")[0].split()
@@ -42,7 +42,16 @@ def test_readme_commands_use_real_flags(readme, accepted):
                         flag = word.split("=")[0]
                         assert flag in accepted[script], f"{readme}: {script} has no {flag}: {line}"
                         checked += 1
-    assert checked >= 10  # the READMEs do show commands with flags
+    return checked
+
+
+@pytest.mark.parametrize("readme", READMES)
+def test_readme_commands_use_real_flags(readme, accepted):
+    assert flags_checked(readme, accepted) >= 10  # the READMEs do show commands with flags
+
+
+def test_preflight_note_commands_use_real_flags(accepted):
+    assert flags_checked("docs/preflight.md", accepted) >= 5
 
 
 @pytest.mark.parametrize("readme", READMES)

@@ -18,6 +18,10 @@ GPT_DDP_FAULT selects one fault:
     slow-loss:RANK:S    the rank's first loss (torch.nn.functional.cross_entropy) comes S seconds late,
                         and so does its first without gradients (evaluation), as after compilations
                         slower than the other ranks'
+    torch-version:RANK:V  torch says its version is V in the process started with RANK in its
+                        environment (a launcher's rank: mp.spawn's workers get theirs later)
+    bad-sum:RANK        the rank's dist.all_reduce adds 1 to the last element of every result of
+                        more than one element, as a link or a build that corrupts data would
 
 ("the STEP-th step" counts calls of torch.nn.utils.clip_grad_norm_, once per optimizer step.)
 
@@ -173,6 +177,19 @@ if (FAULT or PROBE) and "resource_tracker" not in ARGV:
                 time.sleep(float(params[1]))
             return real_cross_entropy(*args, **kwargs)
         torch.nn.functional.cross_entropy = cross_entropy
+
+    if kind == "torch-version" and os.environ.get("RANK") == params[0]:
+        torch.__version__ = torch.torch_version.TorchVersion(params[1])
+
+    if kind == "bad-sum":
+        sound_all_reduce = dist.all_reduce
+
+        def corrupt_all_reduce(tensor, *args, **kwargs):
+            work = sound_all_reduce(tensor, *args, **kwargs)
+            if rank() == int(params[0]) and tensor.numel() > 1:
+                tensor.view(-1)[-1] += 1
+            return work
+        dist.all_reduce = corrupt_all_reduce
 
     if kind == "slow-tokenize":
         import time
