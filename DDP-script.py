@@ -23,7 +23,7 @@ import sys
 import torch
 import torch.distributed as dist  # NEW: process groups and collectives (all-reduce)
 import torch.multiprocessing as mp  # NEW: starts one process per GPU
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # NEW: DDP's all-reduce hooks
 from torch.nn.parallel import DistributedDataParallel as DDP  # NEW: the wrapper that syncs gradients
 
 from data import (create_dataloader, get_tokenizer, prepare_tokens, split_tokens, text_to_token_ids,
@@ -64,9 +64,9 @@ def ddp_setup(rank, local_rank, world_size, plan):
     tune_process(device, world_size)  # CPU threads and memory reuse
     timeout = datetime.timedelta(seconds=plan.timeout)
     with setup_errors(rank, world_size, plan.timeout):  # a process that never comes: one line
-        # NEW: meet the others at MASTER_ADDR:MASTER_PORT; NCCL between GPUs, Gloo between CPUs
-        dist.init_process_group(plan.backend, rank=rank, world_size=world_size, timeout=timeout,
-                                device_id=device if plan.backend == "nccl" else None)
+        # meet the others at MASTER_ADDR:MASTER_PORT; NCCL between GPUs, Gloo between CPUs
+        dist.init_process_group(plan.backend, rank=rank, world_size=world_size,  # NEW: meet
+                                timeout=timeout, device_id=device if plan.backend == "nccl" else None)
         # The stop flag goes through a CPU group, so checking it never waits for the GPU.
         stop_group = (dist.new_group(backend="gloo", timeout=timeout)  # NEW: every rank joins
                       if plan.backend == "nccl" else None)
@@ -83,9 +83,10 @@ def build_model(plan, device, ddp_group):
     raw_model = model  # the model itself, for saving, sampling and the optimizer
     if plan.compile:
         model = torch.compile(model)
-    # NEW: DDP broadcasts rank 0's weights, then all-reduces gradient buckets during backward
-    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                gradient_as_bucket_view=True,  # gradients are views of the buckets: no copy
+    device_ids = [device.index] if device.type == "cuda" else None
+    # DDP broadcasts rank 0's weights now, and all-reduces gradient buckets during backward;
+    # gradient_as_bucket_view: the gradients are views of those buckets, so nothing is copied
+    model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True,  # NEW: the wrapper
                 process_group=ddp_group)
     return model, raw_model
 
@@ -95,7 +96,7 @@ def build_loaders(plan, rank):
     train_tokens, val_tokens = split_tokens(tokens, plan.val_ratio)
     common = dict(batch_size=plan.batch_size, max_length=plan.context_length,
                   stride=plan.context_length, num_workers=plan.num_workers,
-                  distributed=True, num_replicas=plan.world_size, rank=rank,  # NEW: a shard per rank
+                  distributed=True, num_replicas=plan.world_size, rank=rank,  # NEW: DistributedSampler
                   seed=plan.seed, pin_memory=plan.device_type == "cuda")
     # Training: a DistributedSampler; validation: an even split, every window exactly once.
     train_loader = create_dataloader(train_tokens, shuffle=True, drop_last=True, **common)
@@ -191,12 +192,12 @@ def train(model, raw_model, optimizer, scheduler, scaler, train_loader, val_load
         for _ in range(first * plan.grad_accum):  # a resumed epoch: pass what it trained on
             next(batches)
         for i in range(first, plan.steps_per_epoch):
-            torch.manual_seed(plan.seed * 1_000_003 + rank * 10_007 + step)  # dropout: resumable
+            torch.manual_seed(plan.seed * 1_000_003 + rank * 10_007 + step)  # NEW: dropout per rank
             for micro in range(plan.grad_accum):
                 x, y = next(batches)
                 last_micro = micro == plan.grad_accum - 1
-                # NEW: no_sync on all but the last micro-batch: gradients stay local, one all-reduce per step
-                with contextlib.nullcontext() if last_micro else model.no_sync():
+                # no_sync on all but the last micro-batch: gradients stay local, one all-reduce a step
+                with contextlib.nullcontext() if last_micro else model.no_sync():  # NEW: no_sync
                     loss = calc_loss_batch(x, y, model, device, amp_dtype)
                     # / grad_accum: the K micro-batches' summed gradients are then the gradient
                     # of the mean loss over the K-times larger batch
@@ -228,8 +229,9 @@ def train(model, raw_model, optimizer, scheduler, scaler, train_loader, val_load
                 loss_sum.zero_()
                 check_finite(train_loss, step, plan, "training loss")
                 val_due = step % plan.eval_every == 0 or epoch_end or done
-                with log.paused():  # model.module: the replica itself, no DDP machinery
-                    val_loss = (evaluate(model.module, val_loader, device, amp_dtype, plan.eval_iters)
+                with log.paused():  # evaluate the replica itself, outside DDP's machinery
+                    val_loss = (evaluate(model.module, val_loader, device, amp_dtype,  # NEW: .module
+                                         plan.eval_iters)
                                 if val_due else None)
                     # the book's training loss: eval mode, the first batches of the epoch's order
                     eval_loss = (evaluate(model.module, train_loader, device, amp_dtype,
@@ -279,8 +281,8 @@ def main(rank, world_size, plan, local_rank=None):  # NEW: runs in every process
         compile_before_training(model, next(iter(train_loader)),
                                 lambda x, y, m: calc_loss_batch(x, y, m, device, plan.amp_dtype))
         with waiting_for("every rank to compile the model", COMPILE_WAIT_S):
-            # NEW: every rank: compiled? (a wait with a bound of its own, not --timeout's)
-            dist.monitored_barrier(group=stop_group, timeout=COMPILE_WAIT)
+            # a wait with a bound of its own (an hour), not --timeout's
+            dist.monitored_barrier(group=stop_group, timeout=COMPILE_WAIT)  # NEW: all compiled?
     log = Log(plan, start, comm)
     if rank == 0:
         log.begin(start, saved_world)
@@ -288,7 +290,7 @@ def main(rank, world_size, plan, local_rank=None):  # NEW: runs in every process
                        start, log, plan, device, rank, stop_group)
     digests = [None] * world_size
     dist.all_gather_object(digests, weights_sha256(raw_model))  # NEW: every rank: identical replicas?
-    if len(set(digests)) != 1:
+    if len(set(digests)) != 1:  # NEW: DDP's promise, checked
         raise TrainingError(f"the replicas' weights differ after training ({digests}): "
                             f"this is a bug, please report it")
     if rank == 0:  # NEW: model.pt and loss.png, written once
@@ -302,7 +304,7 @@ def main(rank, world_size, plan, local_rank=None):  # NEW: runs in every process
 
 if __name__ == "__main__":
     args = parse_args()
-    launched = launched_by_launcher()  # torch.distributed.launch (or torchrun) started us
+    launched = launched_by_launcher()  # NEW: torch.distributed.launch (or torchrun) started us?
     with usage_errors():  # bad input: one line, exit code 2, before any process starts
         # flags, checkpoint and data checked; the text tokenized once, for the workers to map
         plan = make_plan(args, "DDP-script.py", launcher="a launcher" if launched else "mp.spawn")
@@ -312,11 +314,11 @@ if __name__ == "__main__":
                 os.environ["MASTER_ADDR"], os.environ.get("MASTER_PORT"))
     # run_and_exit(rank, main, ...) calls main(rank, ...), then ends the process with its exit code
     if launched:  # the launcher set RANK; LOCAL_RANK (or --local-rank) picks the GPU
-        run_and_exit(int(os.environ["RANK"]), main, plan.world_size, plan,
+        run_and_exit(int(os.environ["RANK"]), main, plan.world_size, plan,  # NEW: rank from RANK
                      int(os.environ.get("LOCAL_RANK", args.local_rank or 0)))
     else:
         ignore_stop_signals()  # until the workers set handlers: a Ctrl-C now reaches them later
-        # NEW: start world_size processes; each runs main(rank, world_size, plan)
-        workers = mp.spawn(run_and_exit, args=(main, plan.world_size, plan), nprocs=plan.world_size,
-                           join=False)
+        # world_size processes, each running main(rank, world_size, plan); the parent supervises
+        workers = mp.spawn(run_and_exit, args=(main, plan.world_size, plan),  # NEW: start them
+                           nprocs=plan.world_size, join=False)
         sys.exit(supervise(workers))  # pass on Ctrl-C / SIGTERM; stop all if one fails

@@ -1,5 +1,7 @@
-"""The READMEs cannot drift from the code: every flag their commands pass to a script is one the
-script accepts, and every line they point at holds the code they name."""
+"""The READMEs and docs/ cannot drift from the code: every flag their commands pass to a script
+is one the script accepts, every line they point at holds the code they name (in code, not in a
+comment or a docstring), and every grep listing is what the grep prints now.
+`python tests/relink.py` re-points the links and re-runs the listings after a change."""
 import re
 import subprocess
 import sys
@@ -7,8 +9,10 @@ import sys
 import pytest
 
 from conftest import ROOT
+from relink import LINK, LISTING, PAGES, where
 
 READMES = ["README.md", "README.zh-CN.md"]
+DOCS = [page for page in PAGES if page.startswith("docs/")]
 SCRIPTS = ["DDP-script.py", "DDP-script-torchrun.py", "generate.py", "preflight.py"]
 
 
@@ -50,15 +54,42 @@ def test_readme_commands_use_real_flags(readme, accepted):
     assert flags_checked(readme, accepted) >= 10  # the READMEs do show commands with flags
 
 
-def test_preflight_note_commands_use_real_flags(accepted):
-    assert flags_checked("docs/preflight.md", accepted) >= 5
+@pytest.mark.parametrize("page", DOCS)
+def test_docs_commands_use_real_flags(page, accepted):
+    flags_checked(page, accepted)
 
 
-@pytest.mark.parametrize("readme", READMES)
-def test_readme_line_references_hold_their_code(readme):
-    refs = re.findall(r"\[`([^`]+)`\]\(([\w./-]+\.py)#L(\d+)\)", (ROOT / readme).read_text())
-    assert len(refs) >= 5
-    for code, path, line in refs:
-        lines = (ROOT / path).read_text().splitlines()
-        where = [i + 1 for i, text in enumerate(lines) if code in text]
-        assert code in lines[int(line) - 1], f"{readme}: {path}#L{line} should hold {code!r}; it is on {where}"
+def wrong_links(text):
+    """The links of `text` whose line does not hold their code, as messages."""
+    wrong = []
+    for code, path, line in LINK.findall(text):
+        found = where(code, path)
+        if int(line) not in found:
+            wrong.append(f"{path}#L{line} should hold {code!r} in code; it is on {found}")
+    return wrong
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_line_links_hold_their_code(page):
+    text = (ROOT / page).read_text()
+    assert not wrong_links(text), (f"{page}: run `python tests/relink.py`: "
+                                   + "; ".join(wrong_links(text)))
+
+
+def test_a_link_to_a_docstring_or_comment_is_wrong():
+    """Line 7 of DDP-script.py names `ddp_setup` in the docstring: the word is there, the code is
+    not, so the link is wrong (a check of the word alone passed it)."""
+    line = next(n for n, text in enumerate((ROOT / "DDP-script.py").read_text().splitlines(), 1)
+                if "`ddp_setup`" in text)
+    assert wrong_links(f"[`ddp_setup`](DDP-script.py#L{line})")
+    comment = next(n for n, text in enumerate((ROOT / "DDP-script.py").read_text().splitlines(), 1)
+                   if text.strip().startswith("#") and "no_sync" in text)
+    assert wrong_links(f"[`no_sync`](DDP-script.py#L{comment})")
+    assert not wrong_links(f"[`def ddp_setup(`](DDP-script.py#L{where('def ddp_setup(', 'DDP-script.py')[0]})")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_listings_are_what_the_grep_prints(page):
+    for _, command, shown, _ in LISTING.findall((ROOT / page).read_text()):
+        printed = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True).stdout
+        assert shown == printed, f"{page}: `{command}` prints otherwise now: run `python tests/relink.py`"

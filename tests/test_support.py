@@ -40,9 +40,12 @@ def test_every_collective_is_a_tagged_line_of_the_script(script):
                 "all_reduce", "monitored_barrier", "all_gather_object", "barrier",
                 "destroy_process_group"]  # monitored_barrier: with --compile, all compiled
     assert sorted(name for _, name in meets) == sorted(expected), meets
-    for n, name in meets:  # the tag on the call's own line, or on the comment line above it
-        assert "# NEW" in lines[n - 1] or lines[n - 2].strip().startswith("# NEW"), (
-            f"{script}:{n}: dist.{name} has no NEW: tag")
+    for n, name in meets:  # the tag on the call's own line, so that grep prints the call
+        assert "# NEW" in lines[n - 1], f"{script}:{n}: dist.{name} has no NEW: tag on its line"
+    for call in ["DDP(", "model.no_sync()", "set_epoch(", "DistributedSampler", ".backward()"] + (
+            ["mp.spawn("] if script == "DDP-script.py" else ["restart_safe_store("]):
+        tagged = [line for line in lines if call in line and "# NEW" in line]
+        assert tagged, f"{script}: no line holds {call} with a NEW: tag after it"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
