@@ -63,7 +63,7 @@ def ddp_setup(rank, local_rank, world_size, plan):
     with setup_errors(rank, world_size, plan.timeout):  # a process that never comes: one line
         store = restart_safe_store(rank, world_size, plan.timeout, UsageError)  # NEW: torchrun's
         # meet the others through torchrun's store; NCCL between GPUs, Gloo between CPUs
-        dist.init_process_group(plan.backend, rank=rank, world_size=world_size,  # NEW: meet
+        dist.init_process_group(plan.backend, rank=rank, world_size=world_size,  # NEW: join the group
                                 timeout=timeout, device_id=device if plan.backend == "nccl" else None,
                                 store=store)
         # The stop flag goes through a CPU group, so checking it never waits for the GPU.
@@ -85,7 +85,7 @@ def build_model(plan, device, ddp_group):
     device_ids = [device.index] if device.type == "cuda" else None
     # DDP broadcasts rank 0's weights now, and all-reduces gradient buckets during backward;
     # gradient_as_bucket_view: the gradients are views of those buckets, so nothing is copied
-    model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True,  # NEW: the wrapper
+    model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True,  # NEW: wrap the replica
                 process_group=ddp_group)
     return model, raw_model
 

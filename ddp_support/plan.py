@@ -65,7 +65,7 @@ def argument_parser(doc):
     g.add_argument("--val-ratio", type=float, default=0.1, help="share of tokens for validation")
     g.add_argument("--context-length", type=int, default=None,
                    help="tokens per training sequence, at most the model's (default: 256, "
-                        "128 for gpt-mini)")
+                        "128 for gpt-mini, by its recipe, and gpt-nano, whose context it is)")
     g.add_argument("--batch-size", type=int, default=2, help="sequences per process per micro-batch")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("optimization")
@@ -78,8 +78,9 @@ def argument_parser(doc):
     g.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: 4e-4, the book's; 1e-3 for gpt-mini)")
     g.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear warm-up from 0 to --lr over this many steps (default: none; "
-                        "10%% of the steps for gpt-mini)")
+                   help="linear warm-up over this many steps: step k (from 0) trains at "
+                        "--lr x (k+1)/N, so the first at --lr/N and step N-1 at --lr (default: "
+                        "none; 10%% of the steps for gpt-mini)")
     g.add_argument("--min-lr", type=float, default=None,
                    help="cosine decay from --lr to this at the last step (default: none, a "
                         "constant learning rate as in the book's chapter 5; 1e-4 for gpt-mini)")

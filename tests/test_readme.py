@@ -88,6 +88,35 @@ def test_a_link_to_a_docstring_or_comment_is_wrong():
     assert not wrong_links(f"[`def ddp_setup(`](DDP-script.py#L{where('def ddp_setup(', 'DDP-script.py')[0]})")
 
 
+def test_the_readmes_pin_few_lines():
+    """Pinned line links only where a reader needs the line (the appendix's table): elsewhere the
+    READMEs name functions, so a change to a script does not mean editing both READMEs."""
+    for readme in READMES:
+        assert 5 <= len(LINK.findall((ROOT / readme).read_text())) <= 14, readme
+
+
+def test_links_hold_and_every_docs_page_is_linked_from_the_readme():
+    """Every relative link of the READMEs and docs/ names a file that exists, and every page of
+    docs/ is reached from README.md (the README is the map; a run's full output may hang off the
+    page that quotes it)."""
+    links = {}
+    for page in PAGES:
+        links[page] = set()
+        for target in re.findall(r"\]\((?!https?://)([^)#\s]+)", (ROOT / page).read_text()):
+            path = (ROOT / page).parent.joinpath(target).resolve()
+            assert path.exists(), f"{page}: {target}"
+            links[page].add(str(path.relative_to(ROOT)))
+    reached, todo = set(), ["README.md"]
+    while todo:
+        page = todo.pop()
+        for target in links.get(page, ()):
+            if target not in reached:
+                reached.add(target)
+                todo.append(target)
+    assert set(DOCS) <= reached, sorted(set(DOCS) - reached)
+    assert {p for p in DOCS if "benchmark-" not in p} <= links["README.md"]
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_listings_are_what_the_grep_prints(page):
     for _, command, shown, _ in LISTING.findall((ROOT / page).read_text()):
