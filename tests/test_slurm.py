@@ -254,13 +254,17 @@ def interrupted(cluster, tmp_path_factory, token_cache):
 
 def test_requeue_resumes(cluster, reference, interrupted):
     """After `scontrol requeue` Slurm starts the job again with SLURM_RESTART_COUNT=1: the same
-    job resumes from its own snapshot, to the weights of a run that never stopped."""
+    job resumes from its own snapshot (not refused as another job's), to the weights of a run
+    that never stopped."""
     job = interrupted["requeued"]
     log = job.completed()
     assert cluster.job(job.id)["Restarts"] == "1", log
     assert f"job {job.id} (restart 1)" in log
-    resumed = re.findall(r"resumed from step (\d+) \(epoch", log)
-    assert len(resumed) == 1 and 2 <= int(resumed[0]) < STEPS, log
+    # Slurm ends the first allocation with SIGTERM (then SIGKILL after KillWait): the workers
+    # save the step they were in, and the requeued job resumes from exactly that one
+    stopped = re.findall(r"stopped by SIGTERM after step (\d+);", log)
+    assert len(stopped) == 1 and 2 <= int(stopped[0]) < STEPS, log
+    assert re.findall(r"resumed from step (\d+) \(epoch", log) == stopped, log
     assert f"done: {STEPS} steps" in log
     assert same_weights(reference(2, 1), job.out)
 
@@ -301,3 +305,16 @@ def test_job_script_names_the_network_settings():
         r = subprocess.run(["shellcheck", "-S", "warning", SCRIPT], capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 0, r.stdout
+
+
+def test_no_slurm_skips_with_one_line_or_fails_under_ci(monkeypatch):
+    """Without root (or without Slurm) the module skips with one line; under CI=true it fails."""
+    monkeypatch.setattr(slurm.os, "geteuid", lambda: 1000)
+    reason = slurm.missing()
+    assert reason == "needs root (slurmd and munged run as root)"
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="Slurm tests: needs root"):
+        require(reason)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true but the Slurm tests cannot run"):
+        require(reason)
