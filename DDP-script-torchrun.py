@@ -35,8 +35,8 @@ from ddp_support.plan import AUTOCASTS, argument_parser, check_same_start, make_
 from ddp_support.process import (COMPILE_WAIT, COMPILE_WAIT_S, TrainingError, UsageError,
                                  check_finite, compile_before_training, master_port, run_and_exit,
                                  setup_errors, stop_signal, tune_process, usage_errors, waiting_for)
-from ddp_support.progress import (Log, Position, load_snapshot, print_plan, save_snapshot,
-                                  weights_sha256)
+from ddp_support.progress import (Log, Position, check_and_exit, load_snapshot, print_plan,
+                                  save_snapshot, weights_sha256)
 from ddp_support.workarounds import ddp_group_for_debug, restart_safe_store
 from gpt_model import GPTModel, count_parameters, generate, load_hf_gpt2
 
@@ -310,6 +310,8 @@ if __name__ == "__main__":
         # flags, checkpoint and data checked; local rank 0 tokenizes for its node, the others wait
         plan = make_plan(args, "DDP-script-torchrun.py",
                          launcher="torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "python")
+    if args.check:  # --check: the checks above and the plan, then exit 0; no process starts
+        check_and_exit(plan)
     # torchrun tells each process who it is: RANK in the whole job, LOCAL_RANK on its node
     run_and_exit(int(os.environ["RANK"]), main, plan.world_size, plan,  # NEW: rank from RANK
                  int(os.environ["LOCAL_RANK"]))

@@ -33,8 +33,8 @@ from ddp_support.process import (COMPILE_WAIT, COMPILE_WAIT_S, TrainingError, ch
                                  compile_before_training, ignore_stop_signals, launched_by_launcher,
                                  master_port, run_and_exit, setup_errors, stop_signal, supervise,
                                  tune_process, usage_errors, waiting_for)
-from ddp_support.progress import (Log, Position, load_snapshot, print_plan, save_snapshot,
-                                  weights_sha256)
+from ddp_support.progress import (Log, Position, check_and_exit, load_snapshot, print_plan,
+                                  save_snapshot, weights_sha256)
 from ddp_support.workarounds import ddp_group_for_debug
 from gpt_model import GPTModel, count_parameters, generate, load_hf_gpt2
 
@@ -312,6 +312,8 @@ if __name__ == "__main__":
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # NEW: where rank 0 listens
             os.environ["MASTER_PORT"] = master_port(  # NEW: yours if free, else a free port
                 os.environ["MASTER_ADDR"], os.environ.get("MASTER_PORT"))
+    if args.check:  # --check: the checks above and the plan, then exit 0; no process starts
+        check_and_exit(plan)
     # run_and_exit(rank, main, ...) calls main(rank, ...), then ends the process with its exit code
     if launched:  # the launcher set RANK; LOCAL_RANK (or --local-rank) picks the GPU
         run_and_exit(int(os.environ["RANK"]), main, plan.world_size, plan,  # NEW: rank from RANK

@@ -48,6 +48,9 @@ def argument_parser(doc):
                    help="auto: NCCL for CUDA GPUs on Linux, else Gloo")
     g.add_argument("--timeout", type=float, default=600,
                    help="seconds to wait for the other processes at setup and in a collective")
+    g.add_argument("--check", action="store_true",
+                   help="check the flags, the data and --out, print the plan, and exit (0, or 2 "
+                        "with the error) before any process starts")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(GPT_CONFIGS), default=None,
                    help=f"preset (default: {DEFAULT_MODEL['cuda']} on GPUs, "

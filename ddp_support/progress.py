@@ -7,12 +7,13 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import time
 
 import torch
 
-from ddp_support.process import TrainingError, UsageError
-from gpt_model import GPTModel, load_weights, pad_rows, unpadded
+from ddp_support.process import TrainingError, UsageError, tune_process
+from gpt_model import GPTModel, count_parameters, load_weights, pad_rows, unpadded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +212,19 @@ def print_plan(plan, n_params):
         f"writing to {plan.out}",
     ]
     print("\n".join("plan: " + line for line in lines), flush=True)
+
+
+def check_and_exit(plan):
+    """--check, once the plan is made (flags, data and --out checked): the plan as training would
+    print it, the model counted on the meta device (no memory, no weights), then exit 0. No
+    process is started and no process group formed; nothing is written but the token file."""
+    if os.environ.get("RANK", "0") == "0":  # under a launcher: one plan, not one per process
+        tune_process(torch.device(plan.device_type), plan.world_size)  # the threads it will use
+        with torch.device("meta"):
+            print_plan(plan, count_parameters(GPTModel(plan.model_config)))
+        print(f"check: the flags, the data ({plan.n_tokens:,} tokens) and --out {plan.out} are "
+              f"fine; nothing was started (--check)", flush=True)
+    sys.exit(0)
 
 
 class Log:

@@ -307,6 +307,29 @@ def test_checkpoint_errors(runs, tmp_path, token_cache):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("script", ["DDP-script.py", "DDP-script-torchrun.py"])
+def test_check_prints_the_plan_and_starts_nothing(script, runs, tmp_path, token_cache):
+    """--check (what slurm/train.sbatch runs before torchrun): the checks before the first
+    process, the plan, exit 0; no process group, no worker, no --out. Bad input: the same one
+    error line and exit 2 as a run; a finished run's folder: refused, nothing in it changed."""
+    result = ok(run(TINY + ["--check", "--out", tmp_path / "out", "--max-steps", "10"], token_cache,
+                    script=script, timeout=60))
+    world = 2 if script == "DDP-script.py" else 1
+    assert f"plan: world size {world} (gloo on cpu, 1 thread(s) per process)" in result.stdout
+    assert "plan: model gpt-nano: 2,503,392 parameters" in result.stdout
+    assert "nothing was started (--check)" in result.stdout and not result.stderr
+    assert "step" not in result.stdout.split("steps in all")[-1]  # no training step
+    assert not (tmp_path / "out").exists()
+    one_error(run(TINY + ["--check", "--batch-size", "0", "--out", tmp_path / "out"], token_cache,
+                  script=script, timeout=60), "--batch-size must be at least 1", 2)
+    finished = tmp_path / "finished"
+    shutil.copytree(runs("2x4", SPLITS["2x4"])[0], finished)
+    before = {p.name: p.read_bytes() for p in finished.iterdir()}
+    one_error(run(TINY + ["--check", "--out", finished], token_cache, script=script, timeout=60),
+              "already exists: pass --resume", 2)
+    assert {p.name: p.read_bytes() for p in finished.iterdir()} == before
+
+
 def test_master_port_in_use(tmp_path, token_cache):
     import socket
     with socket.socket() as s:
