@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["README.md", "README.zh-CN.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
-LINK = re.compile(r"\[`([^`]+)`\]\(([\w./-]+\.py)#L(\d+)\)")
+LINK = re.compile(r"\[`([^`]+)`\]\(((?:\.\./)?)([\w/-][\w./-]*\.py)#L(\d+)\)")
 LISTING = re.compile(r"(```bash\n(grep -n [^\n]+)\n```\n\n```text\n)(.*?)(```)", re.S)
 
 
@@ -44,14 +44,20 @@ def where(code, path):
     return [n for n, text in code_lines(path).items() if code in text]
 
 
+def links(text):
+    """(code, path from the repository's root, line) of each line link; a page in docs/ links
+    with ../ in front."""
+    return [(code, path, int(line)) for code, _, path, line in LINK.findall(text)]
+
+
 def relink(text):
     def move(match):
-        code, path, line = match.group(1), match.group(2), int(match.group(3))
+        code, up, path, line = match.group(1), match.group(2), match.group(3), int(match.group(4))
         found = where(code, path)
         if not found:
             raise SystemExit(f"error: {path} holds no code line with {code!r}: fix the link by hand")
         best = min(found, key=lambda n: abs(n - line))
-        return f"[`{code}`]({path}#L{best})"
+        return f"[`{code}`]({up}{path}#L{best})"
     return LINK.sub(move, text)
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from relink import LINK, LISTING, PAGES, where
+from relink import LISTING, PAGES, links, where
 
 READMES = ["README.md", "README.zh-CN.md"]
 DOCS = [page for page in PAGES if page.startswith("docs/")]
@@ -62,9 +62,9 @@ def test_docs_commands_use_real_flags(page, accepted):
 def wrong_links(text):
     """The links of `text` whose line does not hold their code, as messages."""
     wrong = []
-    for code, path, line in LINK.findall(text):
+    for code, path, line in links(text):
         found = where(code, path)
-        if int(line) not in found:
+        if line not in found:
             wrong.append(f"{path}#L{line} should hold {code!r} in code; it is on {found}")
     return wrong
 
@@ -92,7 +92,7 @@ def test_the_readmes_pin_few_lines():
     """Pinned line links only where a reader needs the line (the appendix's table): elsewhere the
     READMEs name functions, so a change to a script does not mean editing both READMEs."""
     for readme in READMES:
-        assert 5 <= len(LINK.findall((ROOT / readme).read_text())) <= 14, readme
+        assert 5 <= len(links((ROOT / readme).read_text())) <= 14, readme
 
 
 def test_links_hold_and_every_docs_page_is_linked_from_the_readme():
