@@ -55,14 +55,24 @@ def snapshot_step(out):
 def check_stop(launcher, result, out):
     """How one stopped job ended; returns the step it stopped after."""
     report = f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert "terminate called" not in result.stderr, report
     assert not result.leftovers, f"processes left behind: {result.leftovers}\n{report}"
     if launcher == "spawn":
+        assert "terminate called" not in result.stderr, report
         assert result.returncode in (130, 143), report
         assert "Traceback" not in result.stderr, report
     else:  # torchrun reports a signal as its own SignalException, exit 1; the ranks print none
-        assert result.returncode == 1 and "SignalException" in result.stderr, report
+        # It prints that last, once its workers have exited: whatever the ranks printed is above.
+        ranks, found, agent = result.stderr.rpartition("SignalException: Process")
+        assert found and "terminate called" not in ranks, report
         assert result.stderr.count("Traceback") == 1, report
+        # torchrun itself may then abort (exit -6; seen once in CI, torch 2.14.1): on a signal it
+        # leaves its rendezvous heartbeat running (launcher/api.py skips the rendezvous shutdown;
+        # the heartbeat's thread is a daemon that is not stopped at exit), and a daemon thread
+        # that returns from a store call during Python 3.11's shutdown ends in std::terminate.
+        # torch's, not the ranks': allowed, and nothing else.
+        assert result.returncode == 1 or (
+            result.returncode == -signal.SIGABRT
+            and "terminate called without an active exception" in agent), report
     stopped = re.findall(r"stopped by (SIGINT|SIGTERM) after step (\d+);", result.stdout)
     assert len(stopped) == 1, report
     if launcher == "spawn":
